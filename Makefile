@@ -1,0 +1,44 @@
+# Two commands set up a fresh machine: `make book` and `make test` (each creates .venv on first use).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROFILE ?= smoke
+CHAPTER ?= kd
+PARAMS ?=
+# Our pins replace any machine-wide pip constraints file (some machines cap torch below our pin).
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Runs, teachers and caches of the book stay inside the build folder, nothing goes to $HOME.
+export KDLIB_HOME ?= $(CURDIR)/_build/kdlib
+export MPLCONFIGDIR := $(CURDIR)/_build/.matplotlib
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test book chapter student-copies bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[book,test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+book: $(STAMP)
+	$(PY) -m kdlib book --profile $(PROFILE)
+
+# Re-execute one chapter alone: make chapter CHAPTER=dkd PARAMS="-p epochs 5 -p seeds '[0,1]'"
+chapter: $(STAMP)
+	$(PY) -m kdlib book --profile $(PROFILE) --only $(CHAPTER) $(PARAMS)
+
+student-copies: $(STAMP)
+	$(PY) -m kdlib book --student-copies clean
+
+bench: $(STAMP)
+	$(PY) -m kdlib bench
+
+clean:
+	rm -rf _build clean

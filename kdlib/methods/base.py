@@ -1,0 +1,122 @@
+"""The contract between the training engine and every distillation method.
+
+A method is a :class:`torch.nn.Module` that turns one batch of logits into named, already weighted loss
+terms; the engine sums the terms, back-propagates and logs each one. Everything method-specific lives in
+the method's own file: the engine has no ``if method == ...`` anywhere.
+
+* ``forward(student_logits, teacher_logits, targets, batch)`` returns ``{"loss_ce": ..., "loss_kd": ...}``.
+  ``batch`` is a :class:`StepContext`: the epoch (counted from 1, as in mdistiller, so DKD's warm-up
+  ``min(epoch / 20, 1)`` reads the same), the step, and the dataset indices of the samples (CWKD and
+  DLKD keep per-class or per-sample state).
+* Trainable parts (AEKT's serial C x C layer) are ordinary sub-modules: the engine adds
+  ``method.parameters()`` to the optimizer and ``method.state_dict()`` to every checkpoint.
+  State that is not a tensor goes through ``get_extra_state``/``set_extra_state``.
+* ``setup(ctx)`` runs once before training with a :class:`SetupContext` (teacher, student, training
+  images, a batched predict function): DLKD prunes its teacher and scores every training sample here.
+* ``end_epoch(epoch)`` returns JSON-serialisable facts for that epoch's history row (CWKD's hard-class
+  set); ``artifacts()`` returns arrays the engine saves next to the run's metrics (DLKD's difficulties).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from kdlib.errors import KDLibError
+
+
+@dataclass
+class StepContext:
+    """Where the engine is when it asks a method for its loss."""
+
+    epoch: int  # 1-based
+    step: int  # 0-based within the epoch
+    steps_per_epoch: int
+    epochs: int
+    indices: Optional[Tensor] = None  # dataset indices of the batch's samples (int64, on the device)
+
+    @property
+    def global_step(self) -> int:
+        return (self.epoch - 1) * self.steps_per_epoch + self.step
+
+
+@dataclass
+class SetupContext:
+    """What a method may look at once, before the first epoch."""
+
+    num_classes: int
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    train_images: Tensor  # uint8 (N, 3, 32, 32), un-augmented, on the training device
+    train_labels: Tensor  # int64 (N,)
+    # predict(model, uint8 images) -> fp32 logits (N, C): eval mode, no grad, normalised, batched.
+    predict: Callable[[nn.Module, Tensor], Tensor]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    epochs: int = 1
+
+
+class Method(nn.Module):
+    """Base class of every distillation method. Subclasses set ``name`` and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    uses_teacher: ClassVar[bool] = True
+    #: the hyperparameters and their defaults, in the order the book's tables show them
+    defaults: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, **hyperparameters: Any) -> None:
+        super().__init__()
+        unknown = set(hyperparameters) - set(self.defaults)
+        if unknown:
+            raise KDLibError(
+                f"method {self.name!r} has no hyperparameter {', '.join(sorted(map(repr, unknown)))}; "
+                f"valid: {', '.join(self.defaults) or '(none)'}"
+            )
+        self.hparams: Dict[str, Any] = {**self.defaults, **hyperparameters}
+
+    # -- hooks the engine calls ---------------------------------------------------------------
+    def setup(self, ctx: SetupContext) -> Dict[str, Any]:
+        """Called once before training; returns facts to record in the run's config (may be empty)."""
+        return {}
+
+    def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor,
+                batch: StepContext) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Called after each training epoch; the result goes into that epoch's history row."""
+        return {}
+
+    def artifacts(self) -> Dict[str, Any]:
+        """Arrays worth keeping with the run (saved by the engine as ``method_artifacts.npz``)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+
+
+# -- validation helpers shared by the methods ---------------------------------------------------
+def check_positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise KDLibError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    if not value >= 0:
+        raise KDLibError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise KDLibError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def warmup_factor(epoch: int, warmup_epochs: float) -> float:
+    """DKD's linear warm-up ``min(epoch / warmup, 1)`` with epochs counted from 1 (0 disables it)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(epoch / warmup_epochs, 1.0)
