@@ -15,7 +15,7 @@ export KDLIB_HOME ?= $(CURDIR)/_build/kdlib
 export MPLCONFIGDIR := $(CURDIR)/_build/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test book chapter student-copies bench clean
+.PHONY: setup test book chapter student-copies bench clean lock
 
 setup: $(STAMP)
 
@@ -42,3 +42,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf _build clean
+
+# Re-pin every package of the current environment (after changing pyproject.toml's dependencies).
+lock: $(STAMP)
+	{ head -2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^kdlib'; } > constraints.new && mv constraints.new constraints.txt
