@@ -30,9 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m kdlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
+        try:
+            implementation = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a sub-command whose module is not installed is left out
+            if exc.name != module:
+                raise
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        implementation.add_arguments(p)
     return parser
 
 
