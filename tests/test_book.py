@@ -1,0 +1,82 @@
+"""The book: every chapter is in the table of contents, is stored clean, and executes under papermill.
+
+The execution test runs each chapter in a tiny setting (one epoch on a few synthetic images per class)
+through the same function `make book` uses, so a chapter that breaks fails CI.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from kdlib import bookbuild
+
+ROOT = Path(__file__).resolve().parent.parent
+# A few seconds per chapter: the parameters every chapter's `parameters` cell must accept.
+TINY = {"profile": "smoke", "epochs": 1, "teacher_epochs": 1, "train_per_class": 4, "test_per_class": 2,
+        "seeds": [0], "tiny": True}
+
+
+def chapter_sources():
+    return [bookbuild.source_of(ROOT, name) for name in bookbuild.toc_files(ROOT)]
+
+
+def notebook_chapters():
+    return [p for p in chapter_sources() if bookbuild.is_notebook(p)]
+
+
+def test_toc_lists_every_chapter_file():
+    listed = {p.resolve() for p in chapter_sources()}
+    on_disk = {p.resolve() for p in (ROOT / "book").glob("*") if p.suffix in (".md", ".ipynb")}
+    assert on_disk - listed == set(), "chapters missing from _toc.yml"
+    assert listed - on_disk == set()
+
+
+def test_every_method_has_a_chapter():
+    from kdlib import methods
+
+    names = {p.stem for p in chapter_sources()}
+    assert {m for m in methods.names() if m != "vanilla"} <= names
+
+
+def test_chapters_are_stored_without_outputs():
+    for path in chapter_sources():
+        if path.suffix == ".ipynb":
+            nb = json.loads(path.read_text())
+            assert not any(c.get("outputs") for c in nb["cells"]), path
+
+
+def test_notebook_chapters_have_a_parameters_cell():
+    for path in notebook_chapters():
+        nb = bookbuild.read_notebook(path)
+        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged `parameters`"
+        for name in TINY:
+            assert f"{name} =" in tagged[0].source, f"{path.name}'s parameters cell lacks {name!r}"
+
+
+def test_student_copies_drop_solutions_and_outputs(tmp_path):
+    written = bookbuild.student_copies(ROOT, tmp_path)
+    assert len(written) == len(notebook_chapters())
+    for path in written:
+        text = path.read_text()
+        assert ":::{dropdown} Solution" not in text
+        nb = json.loads(text)
+        assert not any(c.get("outputs") for c in nb["cells"])
+        assert not any("solution" in c["metadata"].get("tags", []) for c in nb["cells"])
+
+
+@pytest.fixture(scope="module")
+def kdlib_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("kdlib_home")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", [p.stem for p in notebook_chapters()])
+def test_chapter_executes(chapter, kdlib_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_HOME", str(kdlib_home))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    src = bookbuild.source_of(ROOT, f"book/{chapter}")
+    out = tmp_path / f"{chapter}.ipynb"
+    bookbuild.execute_chapter(src, out, dict(TINY), cwd=src.parent)
+    nb = json.loads(out.read_text())
+    assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
