@@ -18,6 +18,7 @@ the method's own file: the engine has no ``if method == ...`` anywhere.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Optional
 
@@ -76,6 +77,23 @@ class Method(nn.Module):
         self.hparams: Dict[str, Any] = {**self.defaults, **hyperparameters}
 
     # -- hooks the engine calls ---------------------------------------------------------------
+    @classmethod
+    def pair_defaults(cls, teacher: str, student: str) -> Dict[str, Any]:
+        """Per teacher/student pair defaults (DKD's beta), applied unless the user sets the value.
+
+        By default: for each hyperparameter ``h``, a function ``default_h(teacher, student)`` defined in
+        the method's own module (e.g. ``kdlib.methods.dkd.default_beta``). Override for anything else.
+        """
+        import sys
+
+        module = sys.modules.get(cls.__module__)
+        found = {}
+        for name in cls.defaults:
+            fn = getattr(module, f"default_{name}", None)
+            if callable(fn):
+                found[name] = fn(teacher, student)
+        return found
+
     def setup(self, ctx: SetupContext) -> Dict[str, Any]:
         """Called once before training; returns facts to record in the run's config (may be empty)."""
         return {}
@@ -97,16 +115,31 @@ class Method(nn.Module):
 
 
 # -- validation helpers shared by the methods ---------------------------------------------------
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise KDLibError(f"{name} must be a number, got {value!r}")
+
+
 def check_positive(name: str, value: float) -> float:
+    _check_number(name, value)
     if not value > 0:
         raise KDLibError(f"{name} must be > 0, got {value!r}")
     return float(value)
 
 
 def check_nonnegative(name: str, value: float) -> float:
+    _check_number(name, value)
     if not value >= 0:
         raise KDLibError(f"{name} must be >= 0, got {value!r}")
     return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer >= ``minimum``; integral floats (5.0 from a config file) are accepted."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
+    if not ok or value < minimum:
+        raise KDLibError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices) -> Any:
@@ -120,3 +153,17 @@ def warmup_factor(epoch: int, warmup_epochs: float) -> float:
     if warmup_epochs <= 0:
         return 1.0
     return min(epoch / warmup_epochs, 1.0)
+
+
+def resize_buffers_for_load(module: nn.Module, state_dict, prefix: str, names) -> None:
+    """Give the buffers ``names`` the shapes they have in ``state_dict`` before it is loaded.
+
+    For state sized on first use (CWKD's per-class counts, DLKD's per-sample difficulties): a method
+    built fresh for a resume has empty buffers, and ``load_state_dict`` refuses a shape mismatch. Call it
+    from ``_load_from_state_dict`` before delegating to ``super()``.
+    """
+    for name in names:
+        value = state_dict.get(prefix + name)
+        current = getattr(module, name)
+        if isinstance(value, Tensor) and value.shape != current.shape:
+            setattr(module, name, torch.empty(value.shape, dtype=current.dtype, device=current.device))

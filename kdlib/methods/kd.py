@@ -7,7 +7,7 @@ Defaults of the CIFAR-100 (CRD/mdistiller) protocol: T = 4, lambda_CE = 0.1, lam
 """
 import torch.nn.functional as F
 
-from kdlib.losses import kd_loss
+from kdlib.losses import as_float, kd_loss
 from kdlib.methods import register
 from kdlib.methods.base import Method, check_nonnegative, check_positive
 
@@ -25,6 +25,6 @@ class KD(Method):
 
     def forward(self, student_logits, teacher_logits, targets, batch):
         return {
-            "loss_ce": self.ce_weight * F.cross_entropy(student_logits.float(), targets),
+            "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),
             "loss_kd": self.kd_weight * kd_loss(student_logits, teacher_logits, self.temperature),
         }

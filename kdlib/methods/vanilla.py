@@ -1,9 +1,10 @@
-"""Vanilla training: cross-entropy on the labels, no teacher (teachers and baseline students).
+r"""Vanilla training: cross-entropy on the labels, no teacher (teachers and baseline students).
 
 .. math:: \mathcal{L} = \mathrm{CE}(z^s, y)
 """
 import torch.nn.functional as F
 
+from kdlib.losses import as_float
 from kdlib.methods import register
 from kdlib.methods.base import Method
 
@@ -15,4 +16,4 @@ class Vanilla(Method):
     defaults = {}
 
     def forward(self, student_logits, teacher_logits, targets, batch):
-        return {"loss_ce": F.cross_entropy(student_logits.float(), targets)}
+        return {"loss_ce": F.cross_entropy(as_float(student_logits), targets)}

@@ -1,0 +1,400 @@
+"""The recipe of one run: :class:`RunConfig`, the profiles ``smoke``/``course``/``paper``, ``--set`` parsing.
+
+A :class:`RunConfig` names everything that decides a run's numbers (method and its hyperparameters,
+teacher and student, data, optimiser recipe, seed) plus a few *execution* fields that only decide how fast
+it runs (device, bf16 autocast, channels-last, evaluation batch size, output folder). Profiles are named
+presets; any field can be overridden::
+
+    cfg = make_config("smoke", method="dkd", student="resnet8", out="runs/dkd")
+    cfg = apply_overrides(cfg, ["epochs=30", "beta=2", "lr=0.1"])
+
+Fields left ``None`` are filled in by :meth:`RunConfig.resolved` from the CIFAR-100 protocol (methods.md
+section 1.2): the learning rate is 0.05, or 0.01 for MobileNetV2/ShuffleNet students; the decay milestones
+are the paper's 150/180/210 out of 240 epochs, scaled to the run's length; the method's hyperparameters
+are its defaults, then its per-pair defaults (``Method.pair_defaults``, e.g. DKD's beta), then the user's.
+
+| profile | data | teacher -> student | teacher recipe | student recipe |
+|---|---|---|---|---|
+| ``smoke`` | synthetic, 100 train / 20 test per class | resnet20 -> resnet8 | 30 epochs | 15 epochs |
+| ``course`` | CIFAR-100, 100 train per class, full test set | resnet56 -> resnet20 | 30 epochs | 20 epochs |
+| ``paper`` | CIFAR-100 (50k / 10k) | resnet32x4 -> resnet8x4 | 240 epochs | 240 epochs |
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+from kdlib.errors import KDLibError, unknown_name
+
+DATASETS = ("synthetic", "cifar100")
+AMP_MODES = ("auto", "none", "bf16")
+#: the CIFAR-100 protocol's decay milestones, for 240 epochs; shorter runs scale them
+PAPER_EPOCHS = 240
+PAPER_MILESTONES = (150, 180, 210)
+
+#: fields that decide how fast a run goes, not its numbers: a run may be resumed with other values
+EXECUTION_FIELDS = ("out", "device", "amp", "channels_last", "eval_batch_size", "compile", "teachers_dir",
+                    "data_root")
+#: fields about the teacher, meaningless (and set to None) for methods without a teacher
+TEACHER_FIELDS = ("teacher", "teacher_checkpoint", "teacher_epochs", "teacher_lr", "teacher_milestones",
+                  "teacher_seed")
+
+
+@dataclass
+class RunConfig:
+    """One training run. ``None`` means "the protocol's default" (see :meth:`resolved`)."""
+
+    method: str = "kd"
+    #: hyperparameters the user set; the method's defaults (and per-pair defaults) fill in the rest
+    method_params: Dict[str, Any] = field(default_factory=dict)
+    teacher: Optional[str] = "resnet20"
+    student: str = "resnet8"
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    train_per_class: Optional[int] = 100
+    test_per_class: Optional[int] = 20
+    data_seed: int = 0
+    profile: str = "smoke"
+    epochs: int = 15
+    batch_size: int = 64
+    lr: Optional[float] = None  # None: 0.05, or 0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: Optional[List[int]] = None  # None: 150/180/210 of 240 scaled to `epochs`
+    lr_decay: float = 0.1
+    seed: int = 0
+    # -- the teacher: a community checkpoint, or one trained (vanilla, this recipe) and cached
+    teacher_checkpoint: Optional[str] = None
+    teacher_epochs: Optional[int] = 30
+    teacher_lr: Optional[float] = None
+    teacher_milestones: Optional[List[int]] = None
+    teacher_seed: Optional[int] = 0  # one teacher shared by every student seed, as in the papers
+    teachers_dir: Optional[str] = None  # None: $KDLIB_HOME/teachers (KDLIB_HOME defaults to ~/.cache/kdlib)
+    # -- execution
+    out: Optional[str] = None
+    device: str = "auto"  # auto: cuda when available, else cpu
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; losses are always float32
+    channels_last: bool = True
+    eval_batch_size: int = 256
+    compile: bool = False  # torch.compile the student (GPU only; slower than eager on CPU)
+
+    # -- conversions ----------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise KDLibError(f"a run config must be a mapping, got {type(data).__name__}")
+        valid = field_names()
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise KDLibError(f"unknown config field {', '.join(map(repr, unknown))}; valid fields: "
+                             f"{', '.join(valid)}")
+        return cls(**copy.deepcopy(data))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **copy.deepcopy(changes))
+
+    # -- derived values ------------------------------------------------------------------------
+    @property
+    def uses_teacher(self) -> bool:
+        from kdlib import methods
+
+        return bool(methods.get(self.method).uses_teacher)
+
+    def method_hparams(self) -> Dict[str, Any]:
+        """The method's hyperparameters: defaults, then per-pair defaults, then what the user set."""
+        from kdlib import methods
+
+        cls = methods.get(self.method)
+        params = dict(cls.defaults)
+        if cls.uses_teacher and self.teacher:
+            pair = getattr(cls, "pair_defaults", None)
+            if pair is not None:
+                params.update({k: v for k, v in pair(self.teacher, self.student).items()})
+        params.update(self.method_params or {})
+        return params
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every ``None`` default filled in and the method's hyperparameters spelt out."""
+        cfg = self.replace()
+        if cfg.lr is None:
+            cfg.lr = default_lr(cfg.student)
+        if cfg.milestones is None:
+            cfg.milestones = scaled_milestones(cfg.epochs)
+        elif isinstance(cfg.milestones, tuple):
+            cfg.milestones = list(cfg.milestones)
+        cfg.method_params = self.method_hparams()
+        if self.uses_teacher:
+            if cfg.teacher_checkpoint is None:
+                if cfg.teacher_lr is None and cfg.teacher:
+                    cfg.teacher_lr = default_lr(cfg.teacher)
+                if cfg.teacher_milestones is None and isinstance(cfg.teacher_epochs, int):
+                    cfg.teacher_milestones = scaled_milestones(cfg.teacher_epochs)
+                elif isinstance(cfg.teacher_milestones, tuple):
+                    cfg.teacher_milestones = list(cfg.teacher_milestones)
+            else:
+                cfg.teacher_checkpoint = str(cfg.teacher_checkpoint)
+                # the recipe of a teacher someone else trained is not ours to record
+                cfg.teacher_epochs = cfg.teacher_lr = cfg.teacher_milestones = cfg.teacher_seed = None
+        else:
+            for name in TEACHER_FIELDS:
+                setattr(cfg, name, None)
+        return cfg
+
+    def identity(self) -> Dict[str, Any]:
+        """What two runs must share to be "the same run" (resume): the resolved config minus execution."""
+        data = self.resolved().to_dict()
+        for name in EXECUTION_FIELDS:
+            data.pop(name, None)
+        return data
+
+    def identity_hash(self, length: int = 10) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:length]
+
+    def teacher_config(self) -> "RunConfig":
+        """The vanilla run that trains this run's teacher (profile's teacher recipe, same data)."""
+        r = self.resolved()
+        if r.teacher is None:
+            raise KDLibError(f"method {self.method!r} uses no teacher")
+        return RunConfig(
+            method="vanilla", method_params={}, teacher=None, student=r.teacher, dataset=r.dataset,
+            data_root=r.data_root, train_per_class=r.train_per_class, test_per_class=r.test_per_class,
+            data_seed=r.data_seed, profile=r.profile, epochs=r.teacher_epochs, batch_size=r.batch_size,
+            lr=r.teacher_lr, momentum=r.momentum, weight_decay=r.weight_decay,
+            milestones=r.teacher_milestones, lr_decay=r.lr_decay, seed=r.teacher_seed,
+            teacher_checkpoint=None, teacher_epochs=None, teacher_lr=None, teacher_milestones=None,
+            teacher_seed=None, teachers_dir=self.teachers_dir, out=None, device=self.device,
+            amp=self.amp, channels_last=self.channels_last, eval_batch_size=self.eval_batch_size,
+            compile=self.compile,
+        )
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise :class:`KDLibError` for anything wrong, before a single step is taken. Returns self."""
+        from kdlib import methods
+
+        if not isinstance(self.method, str):
+            raise KDLibError(f"method must be a name, got {self.method!r}")
+        method_cls = methods.get(self.method)  # unknown method -> KDLibError listing the valid ones
+        if self.profile not in PROFILES:
+            raise unknown_name("profile", str(self.profile), PROFILES)
+        if self.dataset not in DATASETS:
+            raise unknown_name("dataset", str(self.dataset), DATASETS)
+        archs = _model_names()
+        _check_arch("student", self.student, archs)
+        if method_cls.uses_teacher:
+            if self.teacher is None:
+                raise KDLibError(f"method {self.method!r} needs a teacher (--teacher ARCH)")
+            _check_arch("teacher", self.teacher, archs)
+            if self.teacher_checkpoint is None:
+                _check_int("teacher_epochs", self.teacher_epochs, 1)
+                _check_int("teacher_seed", self.teacher_seed, 0)
+                if self.teacher_lr is not None:
+                    _check_float("teacher_lr", self.teacher_lr, positive=True)
+                if self.teacher_milestones is not None:
+                    _check_milestones("teacher_milestones", self.teacher_milestones)
+            elif not Path(self.teacher_checkpoint).is_file():
+                raise KDLibError(f"teacher checkpoint {str(self.teacher_checkpoint)!r} does not exist")
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("data_seed", self.data_seed, 0)
+        for name in ("train_per_class", "test_per_class"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.lr is not None:
+            _check_float("lr", self.lr, positive=True)
+        _check_float("momentum", self.momentum)
+        if not 0 <= self.momentum < 1:
+            raise KDLibError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check_float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise KDLibError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check_float("lr_decay", self.lr_decay, positive=True)
+        if self.milestones is not None:
+            _check_milestones("milestones", self.milestones)
+        if self.amp not in AMP_MODES:
+            raise KDLibError(f"amp must be one of {', '.join(map(repr, AMP_MODES))}, got {self.amp!r}")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise KDLibError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_device(self.device)
+        if not isinstance(self.method_params, dict):
+            raise KDLibError(f"method_params must be a mapping, got {self.method_params!r}")
+        for name in ("out", "data_root", "teachers_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise KDLibError(f"{name} must be a path, got {value!r}")
+        methods.build(self.method, **self.method_hparams())  # hyperparameter values -> KDLibError
+        return self
+
+
+def field_names() -> List[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+# -- the protocol's defaults ----------------------------------------------------------------------
+def default_lr(arch: Optional[str]) -> float:
+    """0.05, or 0.01 for MobileNetV2 / ShuffleNetV1 / ShuffleNetV2 (mdistiller's CIFAR-100 configs)."""
+    name = (arch or "").lower()
+    return 0.01 if name.startswith(("mobilenet", "shuffle")) else 0.05
+
+
+def scaled_milestones(epochs: int, milestones: Iterable[int] = PAPER_MILESTONES,
+                      of: int = PAPER_EPOCHS) -> List[int]:
+    """The paper's milestones (150/180/210 of 240) scaled to ``epochs``, rounded half up, at least 1."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        return list(milestones)
+    return [max(1, int(math.floor(m * epochs / of + 0.5))) for m in milestones]
+
+
+def kdlib_home() -> Path:
+    return Path(os.environ.get("KDLIB_HOME") or Path.home() / ".cache" / "kdlib").expanduser()
+
+
+def default_teachers_dir() -> Path:
+    return kdlib_home() / "teachers"
+
+
+# -- profiles ------------------------------------------------------------------------------------
+#: named presets; every value can be overridden (``make_config(profile, **overrides)``, ``--set``)
+PROFILES: Dict[str, Dict[str, Any]] = {
+    # offline, seconds per epoch on a laptop CPU: exercises every code path, numbers are not CIFAR's
+    "smoke": dict(dataset="synthetic", train_per_class=100, test_per_class=20, teacher="resnet20",
+                  student="resnet8", epochs=15, teacher_epochs=30),
+    # real CIFAR-100 images, a class-balanced 10k subset and the full test set: minutes per run on a CPU
+    "course": dict(dataset="cifar100", train_per_class=100, test_per_class=None, teacher="resnet56",
+                   student="resnet20", epochs=20, teacher_epochs=30),
+    # the CRD/mdistiller protocol: full CIFAR-100, 240 epochs, decay at 150/180/210 (GPU)
+    "paper": dict(dataset="cifar100", train_per_class=None, test_per_class=None, teacher="resnet32x4",
+                  student="resnet8x4", epochs=240, teacher_epochs=240),
+}
+
+
+def make_config(profile: str = "smoke", **overrides: Any) -> RunConfig:
+    """The profile's preset with ``overrides`` (any :class:`RunConfig` field), validated."""
+    if profile not in PROFILES:
+        raise unknown_name("profile", str(profile), PROFILES)
+    valid = field_names()
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise KDLibError(f"unknown config field {', '.join(map(repr, unknown))}; valid fields: "
+                         f"{', '.join(valid)}")
+    values = {**PROFILES[profile], **overrides, "profile": profile}
+    return RunConfig(**copy.deepcopy(values)).validate()
+
+
+# -- --set key=value ------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """``"0.05"`` -> 0.05, ``"5e-4"`` -> 0.0005, ``"[150, 180]"`` -> list, ``"true"``/``"null"``, else str."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        import yaml
+
+        return yaml.safe_load(text) if text else ""
+    except Exception:  # noqa: BLE001 - anything yaml cannot read stays a string
+        return text
+
+
+def apply_overrides(config: RunConfig, assignments: Iterable[str]) -> RunConfig:
+    """Apply ``["key=value", ...]`` (recipe fields or the method's hyperparameters) in order; validated.
+
+    A key naming a :class:`RunConfig` field sets that field; a key naming one of the method's
+    hyperparameters (``beta=2``) goes into ``method_params``; ``method_params.NAME=value`` is explicit.
+    """
+    from kdlib import methods
+
+    cfg = config.replace()
+    fields = field_names()
+    for item in assignments or ():
+        if not isinstance(item, str) or "=" not in item:
+            raise KDLibError(f"--set expects key=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        value = parse_value(raw)
+        hp_names = list(methods.get(cfg.method).defaults)
+        if key.startswith("method_params."):
+            key = key[len("method_params."):]
+            if key not in hp_names:
+                raise KDLibError(f"method {cfg.method!r} has no hyperparameter {key!r}; valid: "
+                                 f"{', '.join(hp_names) or '(none)'}")
+            cfg.method_params = {**cfg.method_params, key: value}
+        elif key == "profile":
+            raise KDLibError("the profile is chosen with --profile (make_config(profile=...)), not --set")
+        elif key in fields and key != "method_params":
+            if key == "method" and value != cfg.method:
+                # hyperparameters of another method would not fit the new one
+                cfg.method_params = {}
+            setattr(cfg, key, value)
+        elif key in hp_names:
+            cfg.method_params = {**cfg.method_params, key: value}
+        else:
+            valid = [f for f in fields if f not in ("method_params", "profile")] + hp_names
+            raise KDLibError(f"unknown --set key {key!r}; valid keys: {', '.join(valid)}")
+    return cfg.validate()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _model_names() -> List[str]:
+    from kdlib import models
+
+    return list(models.names())
+
+
+def _check_arch(role: str, name: Any, archs: List[str]) -> None:
+    if name not in archs:
+        raise KDLibError(f"unknown {role} architecture {name!r}; valid architectures: {', '.join(archs)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KDLibError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise KDLibError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise KDLibError(f"{name} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise KDLibError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_milestones(name: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
+        raise KDLibError(f"{name} must be a list of epochs >= 1, e.g. [150, 180, 210], got {value!r}")
+    if list(value) != sorted(value):
+        raise KDLibError(f"{name} must be in increasing order, got {value!r}")
+
+
+def _check_device(device: Any) -> None:
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise KDLibError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+
+
+__all__ = ["RunConfig", "PROFILES", "DATASETS", "EXECUTION_FIELDS", "make_config", "apply_overrides",
+           "parse_value", "default_lr", "scaled_milestones", "kdlib_home", "default_teachers_dir",
+           "field_names"]

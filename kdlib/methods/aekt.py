@@ -1,0 +1,122 @@
+r"""Adaptive explicit knowledge transfer, AEKT (Park and Lee, arXiv 2409.01679). **[RECON]**: only the
+abstract and a third-party summary could be read. Exact: the gradient analysis it builds on (methods.md
+§3.4, :mod:`kdlib.gradients`). Reconstructed: the explicit loss (DKD's TCKD), the adaptive weight (the
+teacher/student target-confidence ratio) and the serial C x C layer.
+
+.. math:: z_{kd} = W z_{cls} + b \;(W = I,\ b = 0 \text{ at init}),\qquad
+          r_b = \mathrm{sg}\Big[\mathrm{clip}\Big(\frac{p^t_{b,t}}{p^s_{b,t}}, r_{min}, r_{max}\Big)\Big]
+
+.. math:: \mathcal{L} = \mathrm{CE}(z_{cls}, y) + \min(e/20, 1)\,T^2\,\frac{1}{B}\sum_b
+          \Big(\alpha\,r_b\,\mathrm{KL}(b^t_b\|b^s_b) + \beta\,\mathrm{KL}(\hat p^t_b\|\hat p^s_b)\Big)
+
+Every distillation term (and r, with p^s from z_kd) is computed on :math:`z_{kd}`; CE on :math:`z_{cls}`,
+which is what the student predicts at test time (the serial layer is dropped at inference).
+Options: ``weight_mode`` ratio | inv_student (:math:`1/p^s_t`) | none (r = 1), ``explicit`` /
+``implicit`` switch the TCKD / NCKD terms, ``separate`` serial | none. ``separate="parallel"`` (a second
+head on the penultimate features) is not offered: the engine passes logits only to a method.
+Defaults (kdlib's choices): alpha = 1, beta = 8 (DKD's per-pair beta when the pair is known, as
+methods.md §3.4 suggests: :func:`kdlib.methods.dkd.default_beta`), T = 4, 20 warm-up epochs,
+lambda_CE = 1, r in [0, 10], ``num_classes`` = 100 (the layer's size; ``setup`` re-creates it for
+another class count, so the engine must call ``setup`` before building the optimizer).
+weight_mode none + separate none is DKD exactly.
+Terms: ``loss_ce``, ``loss_explicit``, ``loss_implicit``. ``end_epoch`` summarises r over the epoch.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlib.errors import KDLibError
+from kdlib.losses import WEIGHT_MODES, adaptive_weight, as_float, dkd_parts
+from kdlib.methods import register
+from kdlib.methods.base import (Method, check_choice, check_int, check_nonnegative, check_positive,
+                                warmup_factor)
+from kdlib.methods.dkd import default_beta  # noqa: F401  (Method.pair_defaults: DKD's per-pair beta)
+
+SEPARATIONS = ("serial", "none", "parallel")
+
+
+def identity_linear(num_classes: int) -> nn.Linear:
+    layer = nn.Linear(num_classes, num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(num_classes))
+        layer.bias.zero_()
+    return layer
+
+
+@register
+class AEKT(Method):
+    name = "aekt"
+    defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20,
+                "weight_mode": "ratio", "r_min": 0.0, "r_max": 10.0, "explicit": True, "implicit": True,
+                "separate": "serial", "num_classes": 100}
+
+    def __init__(self, **hyperparameters):
+        super().__init__(**hyperparameters)
+        hp = self.hparams
+        self.ce_weight = check_nonnegative("ce_weight", hp["ce_weight"])
+        self.alpha = check_nonnegative("alpha", hp["alpha"])
+        self.beta = check_nonnegative("beta", hp["beta"])
+        self.temperature = check_positive("temperature", hp["temperature"])
+        self.warmup = check_nonnegative("warmup", hp["warmup"])
+        self.weight_mode = check_choice("weight_mode", hp["weight_mode"], WEIGHT_MODES)
+        self.r_min = check_nonnegative("r_min", hp["r_min"])
+        self.r_max = check_positive("r_max", hp["r_max"])
+        if not (self.r_min <= self.r_max and math.isfinite(self.r_max)):
+            raise KDLibError(f"need 0 <= r_min <= r_max < inf, got r_min={self.r_min}, r_max={self.r_max}")
+        self.explicit = check_choice("explicit", hp["explicit"], (True, False))
+        self.implicit = check_choice("implicit", hp["implicit"], (True, False))
+        self.separate = check_choice("separate", hp["separate"], SEPARATIONS)
+        if self.separate == "parallel":
+            raise KDLibError("aekt: separate='parallel' needs the student's penultimate features, which the "
+                             "engine does not pass to methods (logits only); use 'serial' or 'none'")
+        c = check_int("num_classes", hp["num_classes"], 2)
+        self.serial = identity_linear(c) if self.separate == "serial" else None
+        self._r_epoch = []  # detached r of this epoch's batches (for end_epoch's summary)
+        self._r_last = None
+
+    def setup(self, ctx):
+        if self.serial is not None and self.serial.in_features != ctx.num_classes:
+            self.serial = identity_linear(ctx.num_classes).to(self.serial.weight.device)
+            return {"serial_layer_classes": ctx.num_classes}
+        return {}
+
+    def forward(self, student_logits, teacher_logits, targets, batch):
+        z_cls = as_float(student_logits)
+        z_kd = z_cls
+        if self.serial is not None:
+            if z_cls.shape[1] != self.serial.in_features:
+                raise KDLibError(f"aekt: the serial layer has {self.serial.in_features} classes, the logits "
+                                 f"{z_cls.shape[1]}; set num_classes={z_cls.shape[1]}")
+            with torch.autocast(device_type=z_cls.device.type, enabled=False):
+                z_kd = self.serial(z_cls.to(self.serial.weight.dtype))
+        parts = dkd_parts(z_kd, teacher_logits, targets, self.temperature)
+        r = adaptive_weight(z_kd, teacher_logits, targets, self.temperature, self.weight_mode,
+                            self.r_min, self.r_max)
+        self._r_epoch.append(r.detach())
+        scale = warmup_factor(batch.epoch, self.warmup) * self.temperature**2
+        zero = z_kd.new_zeros(())
+        return {
+            "loss_ce": self.ce_weight * F.cross_entropy(z_cls, targets),
+            "loss_explicit": scale * self.alpha * (r * parts.tckd).mean() if self.explicit else zero,
+            "loss_implicit": scale * self.beta * parts.nckd.mean() if self.implicit else zero,
+        }
+
+    def end_epoch(self, epoch):
+        if not self._r_epoch:
+            return {}
+        r = torch.cat(self._r_epoch).float()
+        self._r_epoch, self._r_last = [], r.cpu()
+        q = torch.quantile(r, torch.tensor([0.1, 0.5, 0.9], device=r.device)).tolist()
+        return {"r_mean": float(r.mean()), "r_q10": q[0], "r_q50": q[1], "r_q90": q[2],
+                "r_at_max": float((r >= self.r_max).float().mean())}
+
+    def artifacts(self):
+        out = {}
+        if self.serial is not None:
+            out["serial_weight"] = self.serial.weight.detach().cpu().numpy()
+            out["serial_bias"] = self.serial.bias.detach().cpu().numpy()
+        if self._r_last is not None:
+            out["r_last_epoch"] = self._r_last.numpy()
+        return out
