@@ -51,6 +51,7 @@ NAMES = list(REFERENCE)
 _REPO = Path(__file__).resolve().parents[1]
 _JSON_CANDIDATES = [
     os.environ.get("KDLIB_REFERENCE_KEYS", ""),
+    _REPO / "tests/data/teacher_state_dict_keys.json",  # a copy of the shared reference, kept with the tests
     _REPO / "shared/reference/teacher_state_dict_keys.json",
     _REPO.parent / "shared/reference/teacher_state_dict_keys.json",
 ]
@@ -167,8 +168,10 @@ def test_ten_classes(name):
 def test_create_rejects_bad_arguments():
     with pytest.raises(KDLibError, match="unknown model 'resnet9'.*resnet8"):
         models.create("resnet9")
-    with pytest.raises(KDLibError, match="num_classes"):
-        models.create("resnet8", num_classes=0)
+    for bad in (0, -3, 2.5, "10", True):
+        with pytest.raises(KDLibError, match="num_classes"):
+            models.create("resnet8", num_classes=bad)
+    assert models.create("resnet8", num_classes=np.int64(7)).fc.out_features == 7
 
 
 def test_community_initialisation():

@@ -21,6 +21,7 @@ Every model returns logits from ``model(x)``; ``model.forward_features(x)`` retu
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -72,9 +73,10 @@ def create(name: str, num_classes: int = 100) -> ZooModel:
     """A freshly initialised network (the community initialisation), in training mode."""
     if name not in _FACTORIES:
         raise unknown_name("model", name, _FACTORIES)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    # numbers.Integral also admits numpy integers, e.g. a class count read from a label array
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise KDLibError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return _FACTORIES[name](num_classes)
+    return _FACTORIES[name](int(num_classes))
 
 
 @functools.lru_cache(maxsize=None)
