@@ -393,6 +393,19 @@ def test_dlkd_setup_difficulty_and_levels(pruning):
     np.testing.assert_allclose(cont.temperature.numpy(), 1.0 + 4.0 * rank / (len(rank) - 1), rtol=1e-6)
 
 
+def test_dlkd_prunes_a_channels_last_teacher():
+    teacher = tiny_teacher()
+    fast = tiny_teacher().to(memory_format=torch.channels_last)
+    assert not fast[0].weight.is_contiguous()
+    a, b = build("dlkd", pruning_ratio=0.3), build("dlkd", pruning_ratio=0.3, pruning="global")
+    ref_a, ref_b = build("dlkd", pruning_ratio=0.3), build("dlkd", pruning_ratio=0.3, pruning="global")
+    for m, ref in ((a, ref_a), (b, ref_b)):
+        m.setup(dlkd_ctx(fast))
+        ref.setup(dlkd_ctx(teacher))
+        torch.testing.assert_close(m.difficulty, ref.difficulty, rtol=1e-4, atol=1e-6)
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last)  # the teacher is untouched
+
+
 def test_dlkd_equal_temperatures_is_kd_and_state_round_trip():
     ctx = dlkd_ctx(tiny_teacher())
     m = build("dlkd", t_low=4.0, t_mid=4.0, t_high=4.0)

@@ -45,13 +45,21 @@ def pruned_copy(model: nn.Module, ratio: float, pruning: str = "layerwise") -> n
     if not layers:
         raise KDLibError("dlkd: the teacher has no Conv2d or Linear layer to prune")
     if ratio > 0:
+        # torch's pruning flattens weights with .view(-1): prune NCHW-contiguous copies, then give each
+        # weight its memory format back (the engine keeps channels_last teachers on the GPU)
+        formats = [torch.channels_last if m.weight.dim() == 4 and not m.weight.is_contiguous()
+                   and m.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                   for m in layers]
+        for m in layers:
+            m.weight.data = m.weight.data.contiguous()
         if pruning == "global":
             prune.global_unstructured([(m, "weight") for m in layers], prune.L1Unstructured, amount=ratio)
         else:
             for m in layers:
                 prune.l1_unstructured(m, "weight", amount=ratio)
-        for m in layers:
+        for m, memory_format in zip(layers, formats):
             prune.remove(m, "weight")
+            m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
     return model
 
 
