@@ -40,16 +40,18 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdlib.data import CIFAR100_FOLDER, default_root, load_dataset
-from kdlib.errors import KDLibError
+from kdlib.errors import KDLibError  # light; kdlib.data (torch) is imported only when a folder is checked
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_FOLDER = "cifar-100-python"
 _CHUNK = 1 << 20
 
 
 def check_folder(folder: Path) -> Optional[str]:
     """None when kdlib's reader accepts ``folder`` (train, test and meta), else the reason it does not."""
+    from kdlib.data import load_dataset
+
     try:
         load_dataset("cifar100", root=folder)
     except KDLibError as exc:
@@ -141,7 +143,11 @@ def extract(archive_path: Path, root: Path) -> Path:
 def download_and_extract(root=None, url: str = URL, md5: str = MD5, timeout: float = 30.0,
                          progress: bool = True, log=print) -> Path:
     """Make ``root/cifar-100-python`` a complete CIFAR-100; return its path. Does nothing if it already is."""
-    root = Path(default_root() if root is None else root).expanduser()
+    if root is None:
+        from kdlib.data import default_root
+
+        root = default_root()
+    root = Path(root).expanduser()
     target = root / CIFAR100_FOLDER
     if target.exists():
         problem = check_folder(target)

@@ -143,7 +143,7 @@ class RunConfig:
                 elif isinstance(cfg.teacher_milestones, tuple):
                     cfg.teacher_milestones = list(cfg.teacher_milestones)
             else:
-                cfg.teacher_checkpoint = str(cfg.teacher_checkpoint)
+                cfg.teacher_checkpoint = os.path.abspath(os.path.expanduser(str(cfg.teacher_checkpoint)))
                 # the recipe of a teacher someone else trained is not ours to record
                 cfg.teacher_epochs = cfg.teacher_lr = cfg.teacher_milestones = cfg.teacher_seed = None
         else:

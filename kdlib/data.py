@@ -61,6 +61,7 @@ has 9 x 9 x 2 = 162 views per image; :func:`view_index` numbers them, for exact 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pickle
@@ -266,7 +267,7 @@ def _labels(d: dict, key: str, n: int, num: int, path: Path) -> np.ndarray:
         raise KDLibError(f"CIFAR-100 file {path}: {key} has shape {y.shape}, expected ({n},) to match the images")
     if n and (y.dtype.kind not in "iu" or int(y.min()) < 0 or int(y.max()) >= num):
         bad = y if y.dtype.kind not in "iu" else y[(y < 0) | (y >= num)]
-        raise KDLibError(f"CIFAR-100 file {path}: {key} must be integers in 0..{num - 1}, found {bad.flat[0]!r}")
+        raise KDLibError(f"CIFAR-100 file {path}: {key} must be integers in 0..{num - 1}, found {bad.tolist()[0]!r}")
     return y.astype(np.int64)
 
 
@@ -360,11 +361,11 @@ def _load_cifar100_dataset(root, train_per_class, test_per_class) -> ImageDatase
         test_x, test_y = test_x[keep_test], test_y[keep_test]
     if keep_train is None and keep_test is None:
         description = f"CIFAR-100 ({len(train_y)} train / {len(test_y)} test)"
+    elif keep_train is not None and keep_test is not None:
+        description = f"CIFAR-100 subset ({train_per_class} train / {test_per_class} test per class, first in file order)"
     else:
-        sizes = [
-            f"{train_per_class} train per class" if keep_train is not None else f"all {len(train_y)} train",
-            f"{test_per_class} test per class" if keep_test is not None else f"all {len(test_y)} test",
-        ]
+        sizes = (f"{train_per_class} train per class" if keep_train is not None else f"all {len(train_y)} train",
+                 f"{test_per_class} test per class" if keep_test is not None else f"all {len(test_y)} test")
         description = f"CIFAR-100 subset ({' / '.join(sizes)}, first in file order)"
     return ImageDataset(
         name="cifar100",
@@ -382,19 +383,6 @@ def _load_cifar100_dataset(root, train_per_class, test_per_class) -> ImageDatase
 # --------------------------------------------------------------------------------------------------
 # The synthetic dataset
 # --------------------------------------------------------------------------------------------------
-_SYNTHETIC_DEFAULTS = dict(
-    num_superclasses=20,
-    classes_per_superclass=5,
-    class_separation=1.0,
-    separation_range=(0.5, 1.5),
-    noise_range=(0.05, 0.45),
-    clutter=1.0,
-    max_shift=3.0,
-    orientation_jitter=0.15,
-    colour_jitter=0.05,
-)
-
-
 def _seeded(seed: int, stream: int) -> torch.Generator:
     # independent streams from one user seed, without touching the global RNG
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, stream]).generate_state(2, dtype=np.uint32)
@@ -517,6 +505,7 @@ def make_synthetic(
     ``max_shift`` [3] pixels of random translation; ``orientation_jitter`` [0.15 rad] and
     ``colour_jitter`` [0.05] per-image nuisances.
     """
+    given = dict(locals())
     for name, n in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise KDLibError(f"{name} must be a positive integer, got {n!r}")
@@ -531,16 +520,15 @@ def make_synthetic(
     train_x, train_y = _render(_seeded(seed, 1), params, int(train_per_class), image_size, opts)
     test_x, test_y = _render(_seeded(seed, 2), params, int(test_per_class), image_size, opts)
 
-    C = num_superclasses * classes_per_superclass
     superclass_names = [f"sc{s:02d}" for s in range(num_superclasses)]
     class_names = [f"sc{s:02d}_c{k}" for s in range(num_superclasses) for k in range(classes_per_superclass)]
-    given = dict(num_superclasses=num_superclasses, classes_per_superclass=classes_per_superclass,
-                 class_separation=class_separation, separation_range=tuple(separation_range),
-                 noise_range=tuple(noise_range), clutter=clutter, max_shift=max_shift,
-                 orientation_jitter=orientation_jitter, colour_jitter=colour_jitter)
-    changed = [f"{k}={v}" for k, v in given.items() if v != _SYNTHETIC_DEFAULTS[k]]
-    if image_size != 32:
-        changed.append(f"image_size={image_size}")
+    # the description names every knob that differs from its default, so a figure can't mislabel its data
+    changed = []
+    for name, parameter in inspect.signature(make_synthetic).parameters.items():
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            value = tuple(given[name]) if isinstance(given[name], (list, tuple)) else given[name]
+            if value != parameter.default:
+                changed.append(f"{name}={value}")
     description = f"synthetic (seed {seed}, {train_per_class} train / {test_per_class} test per class"
     description += (", " + ", ".join(changed) if changed else "") + ")"
     return ImageDataset(

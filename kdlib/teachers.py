@@ -19,6 +19,7 @@ Two processes asking for the same missing teacher do not both train it: the trai
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -87,6 +88,14 @@ def _train_teacher(config: kconfig.RunConfig, path: Path, dataset, progress: boo
     })
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def get_teacher(config: kconfig.RunConfig, dataset, device, *, progress: bool = False,
                 verbose: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """The run's frozen teacher on ``device`` and its description (source, path, test accuracy)."""
@@ -129,5 +138,6 @@ def get_teacher(config: kconfig.RunConfig, dataset, device, *, progress: bool = 
         "test_loss": result["test_loss"],
         "per_class_acc": result["per_class_acc"],
         "evaluated_on": dataset.description,
+        "sha256": _sha256(path),
     }
     return model, info

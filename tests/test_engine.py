@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib import engine, teachers
+from kdlib import engine, models, teachers
 from kdlib.config import RunConfig, apply_overrides, make_config, parse_value, scaled_milestones
 from kdlib.errors import KDLibError
 from kdlib.methods import _REGISTRY, Method
@@ -129,7 +129,7 @@ def test_lr_at_matches_mdistiller():
 
 # -- the engine -----------------------------------------------------------------------------------
 def test_vanilla_learns_on_synthetic(tmp_path):
-    cfg = make_config("smoke", method="vanilla", student="resnet8", train_per_class=10, test_per_class=10,
+    cfg = make_config("smoke", method="vanilla", student="resnet8", train_per_class=10, test_per_class=5,
                       epochs=4, lr=0.1, milestones=[3], device="cpu", out=str(tmp_path / "run"))
     metrics = engine.train(cfg, progress=False, verbose=False)
     assert metrics["config"]["teacher"] is None
@@ -296,7 +296,7 @@ def test_teacher_cache_key_and_community_format(tiny_teachers_dir):
     assert path.is_file() and path.parent == Path(tiny_teachers_dir)
     assert path.name.startswith("resnet8-synthetic-4pc")
     saved = torch.load(path, weights_only=True)
-    assert set(saved["model"]) == set(__import__("kdlib.models", fromlist=["create"]).create("resnet8").state_dict())
+    assert set(saved["model"]) == set(models.create("resnet8").state_dict())
     assert (path.with_suffix("") / engine.METRICS).is_file()  # the teacher's own training record
     # another teacher recipe is another teacher
     assert teachers.teacher_path(cfg.replace(teacher_epochs=3)) != path
@@ -341,7 +341,7 @@ class _Probe(Method):
         return {"loss_ce": loss, "loss_zero": 0.0 * self.scale}
 
     def end_epoch(self, epoch):
-        return {"seen": self.seen, "scale": float(self.scale)}
+        return {"seen": self.seen, "scale": float(self.scale.detach())}
 
     def artifacts(self):
         return {"scale": self.scale.detach().reshape(1)}

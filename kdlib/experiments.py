@@ -1,0 +1,498 @@
+"""The chapters' one entry to training: "load the run if it exists, else run it", and the tables they read.
+
+A chapter never trains in a loop of its own. It describes its experimental setting once, from its
+``parameters`` cell, then asks for runs by method, seed and hyperparameters; every run goes through
+:func:`kdlib.engine.train` into a directory named by everything that decides its numbers, so a run that
+another chapter (or an earlier build) already finished is read back, not repeated. The teacher is trained
+once per setting through the engine's teacher cache (``$KDLIB_HOME/teachers``).
+
+API (stable; the method chapters are written against it)::
+
+    setting = Setting.from_parameters(profile, dataset=None, teacher=None, student=None, epochs=None,
+                                      teacher_epochs=None, train_per_class=None, test_per_class=None,
+                                      seeds=(0,), tiny=False, **extra)   # extra: any RunConfig field
+    setting.config(method, seed, **method_params) -> RunConfig  # the run's recipe, validated, with `out`
+    run_dir(setting, method, seed, **method_params) -> Path     # where that run lives (no training)
+    run(setting, method, seed, **method_params) -> Path          # train or reuse; the run directory
+    run_all(setting, {label: (method, params)}, seeds=None) -> RunTables  # + a `label` column everywhere
+    load(paths, label="auto") -> RunTables                       # read existing records (a sweep's folder)
+    select(tables, keep) -> RunTables                            # the runs where keep(runs) is true
+    label(setting_or_tables) -> str   # "dataset · profile · teacher→student · epochs · seeds", for captions
+
+    dataset(setting) -> ImageDataset                             # the setting's data (cached)
+    teacher_model(setting) -> nn.Module                          # frozen teacher (trained once, cached)
+    teacher_run(setting) -> Path | None                          # the teacher's own run directory
+    teacher_records(setting) -> RunTables | None                 # its records, labelled "teacher"
+    student_model(run_dir) -> nn.Module                          # a finished run's student, eval mode
+    logits(model, images_u8) -> Tensor                           # float32 logits, eval mode, batched
+
+    summarize(tables, by="label") -> DataFrame   # mean/std over seeds of best and last accuracy, cost
+    pm(mean, std, digits=2) -> str               # "71.23 ± 0.40"
+    class_accuracy(tables, by="label") -> DataFrame        # per class, mean over seeds (+ teacher_acc)
+    class_delta(tables, label, baseline, by="label") -> DataFrame   # per class: acc, baseline_acc, delta
+    helped_hurt(delta) -> dict(helped=, hurt=, unchanged=)
+
+Run directories: ``$KDLIB_HOME/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>`` where
+``hash`` is :meth:`kdlib.config.RunConfig.identity_hash` (the resolved recipe minus execution fields:
+method and its hyperparameters, models, data, optimiser, seed, teacher recipe). Vanilla runs have no
+teacher in their identity, so every chapter shares them.
+
+Warm-up. DKD-style methods ramp their distillation weight up over ``warmup`` epochs (20 of the papers'
+240). The book scales that warm-up with the run's length exactly as :mod:`kdlib.config` scales the
+learning-rate milestones (``round(20 * epochs / 240)``, at least 1), so a 15-epoch smoke run keeps the
+recipe's proportions; a value the chapter passes explicitly is used as given, and the value used is
+recorded in each run's ``metrics.json``. In the ``paper`` profile (240 epochs) this is the paper's 20.
+
+``tiny`` is set only by the tests (a few images per class, one epoch): chapters use it to skip optional
+extra experiments, never to change what the main experiment is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from kdlib import config as kconfig
+from kdlib.errors import KDLibError
+from kdlib.records import RunTables, load_runs
+
+__all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "dataset", "teacher_model",
+           "teacher_run", "teacher_records", "student_model", "logits", "summarize", "pm",
+           "class_accuracy", "class_delta", "helped_hurt", "scaled_warmup"]
+
+#: the papers' warm-up length (epochs) out of their 240-epoch recipe
+PAPER_WARMUP = 20
+
+
+def _seeds(seeds: Union[int, Iterable[int]]) -> Tuple[int, ...]:
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        return (int(seeds),)
+    out = tuple(int(s) for s in seeds)
+    if not out:
+        raise KDLibError("seeds must name at least one seed, e.g. [0, 1]")
+    return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The experimental setting a chapter shares across its runs: data, teacher, student, recipe, seeds.
+
+    Build it with :meth:`from_parameters` from the chapter's parameters; ``None`` means "the profile's
+    value" (see :data:`kdlib.config.PROFILES`). ``extra`` holds further :class:`~kdlib.config.RunConfig`
+    fields (``device``, ``data_root``, ``teacher_checkpoint``, ``lr``, ...) applied to every run.
+    """
+
+    profile: str
+    dataset: str
+    teacher: str
+    student: str
+    epochs: int
+    teacher_epochs: Optional[int]
+    train_per_class: Optional[int]
+    test_per_class: Optional[int]
+    seeds: Tuple[int, ...] = (0,)
+    tiny: bool = False
+    extra: Tuple[Tuple[str, Any], ...] = field(default=())
+
+    @classmethod
+    def from_parameters(cls, profile: str = "smoke", dataset: Optional[str] = None,
+                        teacher: Optional[str] = None, student: Optional[str] = None,
+                        epochs: Optional[int] = None, teacher_epochs: Optional[int] = None,
+                        train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
+                        seeds: Union[int, Iterable[int]] = (0,), tiny: bool = False,
+                        **extra: Any) -> "Setting":
+        """The setting of a chapter's ``parameters`` cell; validated (an unknown field raises)."""
+        if profile not in kconfig.PROFILES:
+            raise KDLibError(f"unknown profile {profile!r}; profiles: {', '.join(kconfig.PROFILES)}")
+        given = dict(dataset=dataset, teacher=teacher, student=student, epochs=epochs,
+                     teacher_epochs=teacher_epochs, train_per_class=train_per_class,
+                     test_per_class=test_per_class)
+        values = {k: v for k, v in given.items() if v is not None}
+        for name in ("train_per_class", "test_per_class"):  # "all": every image of the dataset
+            if values.get(name) == "all":
+                values[name] = None
+        base = kconfig.make_config(profile, method="kd", **values, **extra)  # validates every field
+        return cls(profile=profile, dataset=base.dataset, teacher=base.teacher, student=base.student,
+                   epochs=base.epochs, teacher_epochs=base.teacher_epochs,
+                   train_per_class=base.train_per_class, test_per_class=base.test_per_class,
+                   seeds=_seeds(seeds), tiny=bool(tiny), extra=tuple(sorted(extra.items())))
+
+    # -- runs ------------------------------------------------------------------------------------
+    def base_config(self, method: str = "kd") -> kconfig.RunConfig:
+        fields = dict(dataset=self.dataset, teacher=self.teacher, student=self.student, epochs=self.epochs,
+                      teacher_epochs=self.teacher_epochs, train_per_class=self.train_per_class,
+                      test_per_class=self.test_per_class, **dict(self.extra))
+        return kconfig.make_config(self.profile, method=method, **fields)
+
+    def method_params(self, method: str, **method_params: Any) -> Dict[str, Any]:
+        """The hyperparameters the book passes for ``method``: the given ones, plus a scaled warm-up."""
+        from kdlib import methods
+
+        params = dict(method_params)
+        if "warmup" in methods.get(method).defaults and "warmup" not in params:
+            params["warmup"] = scaled_warmup(self.epochs)
+        return params
+
+    def config(self, method: str, seed: int, **method_params: Any) -> kconfig.RunConfig:
+        """The validated :class:`RunConfig` of one run, with its deterministic output directory."""
+        cfg = self.base_config(method).replace(seed=int(seed),
+                                               method_params=self.method_params(method, **method_params))
+        cfg.validate()
+        return cfg.replace(out=str(_directory(cfg)))
+
+    def with_seeds(self, seeds) -> "Setting":
+        return dataclasses.replace(self, seeds=_seeds(seeds))
+
+
+def scaled_warmup(epochs: int, warmup: int = PAPER_WARMUP, of: int = kconfig.PAPER_EPOCHS) -> int:
+    """The papers' warm-up (20 of 240 epochs) scaled to ``epochs``, rounded half up, at least 1."""
+    return max(1, int(math.floor(warmup * epochs / of + 0.5)))
+
+
+def _directory(cfg: kconfig.RunConfig) -> Path:
+    r = cfg.resolved()
+    pair = f"{r.teacher}-{r.student}" if r.teacher else r.student
+    return kconfig.kdlib_home() / "runs" / r.profile / f"{r.method}-{pair}-s{r.seed}-{cfg.identity_hash()}"
+
+
+def run_dir(setting: Setting, method: str, seed: int, **method_params: Any) -> Path:
+    """Where the run ``(method, seed, method_params)`` of ``setting`` lives; trains nothing."""
+    return Path(setting.config(method, seed, **method_params).out)
+
+
+def _finished(path: Path) -> bool:
+    import json
+
+    try:
+        with open(path / "metrics.json") as f:
+            return bool(json.load(f).get("final"))
+    except (OSError, ValueError):
+        return False
+
+
+def run(setting: Setting, method: str, seed: int, verbose: bool = False, **method_params: Any) -> Path:
+    """Train the run (or reuse it when finished, resume it when interrupted); return its directory.
+
+    Prints one line: reused, or trained in how many seconds. ``verbose=True`` shows the engine's
+    per-epoch lines.
+    """
+    from kdlib import engine
+
+    cfg = setting.config(method, seed, **method_params)
+    out = Path(cfg.out)
+    what = method + (f" {method_params}" if method_params else "") + f" seed {seed}"
+    if _finished(out):
+        engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
+        print(f"reused   {what}: {out.name}", flush=True)
+        return out
+    start = time.perf_counter()
+    engine.train(cfg, progress=False, verbose=verbose)
+    print(f"trained  {what}: {out.name} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+Spec = Union[str, Tuple[str, Mapping[str, Any]]]
+
+
+def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
+    if isinstance(value, str):
+        return value, {}
+    method, params = value
+    return method, dict(params or {})
+
+
+def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterable[int]] = None,
+            verbose: bool = False) -> RunTables:
+    """Run (or reuse) every ``label: (method, params)`` for every seed; the records with a ``label`` column.
+
+    ``specs`` values may also be a bare method name. ``seeds`` defaults to ``setting.seeds``. Two labels
+    may name the same run (it is trained once and appears under both labels).
+    """
+    seeds = setting.seeds if seeds is None else _seeds(seeds)
+    parts = []
+    for name, value in specs.items():
+        method, params = _spec(value)
+        dirs = [run(setting, method, s, verbose=verbose, **params) for s in seeds]
+        parts.append(_with_label(load_runs(dirs), name))
+    return _concat(parts)
+
+
+def load(paths, label: Union[str, Mapping[str, str]] = "auto") -> RunTables:
+    """The records of existing runs (directories, ``metrics.json`` files, globs or parent folders).
+
+    The ``label`` column: ``"auto"`` (the method's name, followed by the hyperparameters that differ
+    between that method's runs, e.g. ``dkd (beta=2.0)``), the name of a ``runs`` column (``"method"``),
+    or a mapping from run directory to label.
+    """
+    tables = load_runs(paths)
+    if tables.runs.empty:
+        raise KDLibError(f"no run records (metrics.json) found in {paths!r}")
+    runs = tables.runs
+    if isinstance(label, str) and label == "auto":
+        mapping = {}
+        for method, group in runs.groupby("method", sort=False):
+            hp = [c for c in group.columns if c.startswith("hp_") and group[c].notna().any()
+                  and group[c].astype(str).nunique() > 1]
+            for _, row in group.iterrows():
+                extra = ", ".join(f"{c[3:]}={row[c]}" for c in hp)
+                mapping[row["run"]] = f"{method} ({extra})" if extra else str(method)
+    elif isinstance(label, str):
+        mapping = dict(zip(runs["run"], runs[label].astype(str)))
+    else:
+        mapping = {str(k): v for k, v in label.items()}
+    return RunTables(*[_add_label_column(df, df["run"].map(mapping)) for df in _frames(tables)])
+
+
+def select(tables: RunTables, keep) -> RunTables:
+    """The tables restricted to the runs for which ``keep(runs_row)`` is true (a boolean mask works too)."""
+    runs = tables.runs
+    mask = keep(runs) if callable(keep) else keep
+    chosen = set(runs.loc[mask, "run"])
+    return RunTables(*[df[df["run"].isin(chosen)].reset_index(drop=True) for df in _frames(tables)])
+
+
+def _frames(t: RunTables):
+    return [t.runs, t.epochs, t.classes, t.epoch_classes]
+
+
+def _add_label_column(df: pd.DataFrame, values) -> pd.DataFrame:
+    df = df.copy()
+    df.insert(0, "label", values)
+    return df
+
+
+def _with_label(tables: RunTables, name: str) -> RunTables:
+    return RunTables(*[_add_label_column(df, name) for df in _frames(tables)])
+
+
+def _concat(parts: Sequence[RunTables]) -> RunTables:
+    if not parts:
+        raise KDLibError("run_all needs at least one run")
+    return RunTables(*[pd.concat([_frames(p)[i] for p in parts], ignore_index=True) for i in range(4)])
+
+
+# -- captions -------------------------------------------------------------------------------------
+def _seed_text(seeds) -> str:
+    seeds = sorted({int(s) for s in seeds})
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+
+
+def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
+    """One line naming the dataset, profile, pair, epochs and seeds, for every caption of the book.
+
+    From a :class:`Setting` (the dataset's own description), or from run records (what the runs say).
+    """
+    if isinstance(obj, Setting):
+        parts = [dataset(obj).description, f"{obj.profile} profile", f"{obj.teacher}→{obj.student}",
+                 f"{obj.epochs} epochs", _seed_text(obj.seeds)]
+        return " · ".join(parts)
+    runs = obj.runs if isinstance(obj, RunTables) else obj
+    if runs.empty:
+        raise KDLibError("no runs to label")
+
+    def one(column):
+        values = sorted({str(v) for v in runs[column].dropna()})
+        return ", ".join(values) if values else "?"
+
+    students = runs.dropna(subset=["teacher"]) if runs["teacher"].notna().any() else runs
+    pairs = sorted({f"{t}→{s}" for t, s in zip(students["teacher"], students["student"])}
+                   if runs["teacher"].notna().any() else set(runs["student"].astype(str)))
+    epochs = sorted({int(e) for e in runs["epochs"].dropna()})
+    return " · ".join([one("dataset"), f"{one('profile')} profile", ", ".join(pairs),
+                       "/".join(map(str, epochs)) + " epochs", _seed_text(runs["seed"].dropna())])
+
+
+# -- models and data for the analyses --------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _load_data(name, root, train_per_class, test_per_class, seed):
+    from kdlib.data import load_dataset
+
+    return load_dataset(name, root=root, train_per_class=train_per_class, test_per_class=test_per_class,
+                        seed=seed)
+
+
+def dataset(setting: Setting):
+    """The setting's :class:`~kdlib.data.ImageDataset` (loaded once per process)."""
+    cfg = setting.base_config()
+    return _load_data(cfg.dataset, cfg.data_root, cfg.train_per_class, cfg.test_per_class, cfg.data_seed)
+
+
+def _teacher(setting: Setting):
+    from kdlib import teachers
+
+    cfg = setting.config("kd", setting.seeds[0])
+    return teachers.get_teacher(cfg, dataset(setting), "cpu", verbose=False)
+
+
+def teacher_model(setting: Setting) -> nn.Module:
+    """The setting's frozen teacher on the CPU: the community checkpoint, or the cached trained one
+    (trained now, once, if no chapter has needed it yet)."""
+    return _teacher(setting)[0]
+
+
+def teacher_run(setting: Setting) -> Optional[Path]:
+    """The run directory (with ``metrics.json``) of the teacher the engine trained; None for a checkpoint."""
+    info = _teacher(setting)[1]
+    return Path(info["run_dir"]) if info.get("run_dir") else None
+
+
+def teacher_records(setting: Setting) -> Optional[RunTables]:
+    """The teacher's own run records, labelled ``"teacher"`` (None for a community checkpoint)."""
+    path = teacher_run(setting)
+    if path is None:
+        return None
+    return _with_label(load_runs([path]), "teacher")
+
+
+def student_model(run_directory) -> nn.Module:
+    """The student a finished run saved (``student.pt``), on the CPU in eval mode."""
+    from kdlib import engine, models
+    from kdlib.records import read_metrics
+
+    path = Path(run_directory)
+    if not (path / engine.STUDENT).is_file():
+        raise KDLibError(f"{path} has no {engine.STUDENT}: the run is not finished")
+    meta = read_metrics(path)
+    arch = meta["config"]["run"]["student"]
+    classes = meta["config"]["dataset"]["num_classes"]
+    model = models.load_pretrained(arch, str(path / engine.STUDENT), num_classes=classes)
+    return model.eval()
+
+
+def logits(model: nn.Module, images_u8: Tensor, batch_size: int = 256) -> Tensor:
+    """float32 logits of un-augmented uint8 images (eval mode, no grad, normalised, batched)."""
+    from kdlib.engine import predict
+
+    return predict(model, images_u8.cpu(), batch_size)
+
+
+# -- tables for the text ---------------------------------------------------------------------------
+def pm(mean: float, std: float, digits: int = 2) -> str:
+    """``"71.23 ± 0.40"``; a single run (std NaN) gives the mean alone."""
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(tables: RunTables, by: str = "label") -> pd.DataFrame:
+    """One row per ``by`` value: seeds (n), best and last test accuracy (mean, std over seeds), best
+    epoch, the teacher's accuracy, and the cost (seconds per epoch, training images per second).
+
+    ``std`` is the sample standard deviation (NaN for one seed). Order: as the values first appear.
+    """
+    runs, epochs = tables.runs, tables.epochs
+    order = list(dict.fromkeys(runs[by]))
+    cost = epochs.groupby(by).agg(seconds_per_epoch=("epoch_seconds", "mean"),
+                                  images_per_second=("images_per_second", "median"))
+    out = runs.groupby(by).agg(
+        n=("seed", "count"),
+        best_mean=("best_test_acc", "mean"), best_std=("best_test_acc", "std"),
+        last_mean=("last_test_acc", "mean"), last_std=("last_test_acc", "std"),
+        best_epoch=("best_epoch", "mean"), teacher_acc=("teacher_test_acc", "mean"),
+        epochs=("epochs", "max"),
+    ).join(cost)
+    return out.loc[order]
+
+
+def class_accuracy(tables: RunTables, by: str = "label") -> pd.DataFrame:
+    """Per ``by`` value and class: accuracy averaged over seeds (``acc``), its std over seeds, and the
+    teacher's accuracy on the class (``teacher_acc``, NaN without a teacher)."""
+    c = tables.classes
+    keys = [by, "class_index", "class_name", "superclass", "superclass_index"]
+    agg = dict(acc=("acc", "mean"), acc_std=("acc", "std"), seeds=("seed", "count"))
+    if "teacher_acc" in c:
+        agg["teacher_acc"] = ("teacher_acc", "mean")
+    return c.groupby(keys, sort=False, dropna=False).agg(**agg).reset_index()
+
+
+def class_delta(tables: RunTables, label: str, baseline: str = "vanilla", by: str = "label") -> pd.DataFrame:
+    """Per class: ``acc`` of ``label`` and ``baseline_acc`` (each the mean over its seeds) and ``delta``.
+
+    Sorted by class index; the teacher's accuracy on the class comes along when known.
+    """
+    acc = class_accuracy(tables, by)
+    for name in (label, baseline):
+        if name not in set(acc[by]):
+            raise KDLibError(f"no runs labelled {name!r}; labels: {', '.join(map(str, dict.fromkeys(acc[by])))}")
+    a = acc[acc[by] == label].set_index("class_index")
+    b = acc[acc[by] == baseline].set_index("class_index")
+    out = a[["class_name", "superclass", "superclass_index", "acc"]].copy()
+    out["baseline_acc"] = b["acc"]
+    out["delta"] = out["acc"] - out["baseline_acc"]
+    teacher = a["teacher_acc"] if "teacher_acc" in a else None
+    if teacher is None or teacher.isna().all():
+        teacher = b["teacher_acc"] if "teacher_acc" in b else None
+    if teacher is not None:
+        out["teacher_acc"] = teacher
+    out.insert(0, "label", label)
+    out.insert(1, "baseline", baseline)
+    return out.reset_index().sort_values("class_index").reset_index(drop=True)
+
+
+def helped_hurt(delta: pd.DataFrame, tolerance: float = 1e-9) -> Dict[str, int]:
+    """How many classes gained (``delta > 0``), lost (``< 0``) or stayed equal under the method."""
+    d = delta["delta"]
+    return {"helped": int((d > tolerance).sum()), "hurt": int((d < -tolerance).sum()),
+            "unchanged": int((d.abs() <= tolerance).sum())}
+
+
+# -- added for the AEKT and DLKD chapters ---------------------------------------------------------------
+def method_artifacts(run_directory) -> Dict[str, np.ndarray]:
+    """The arrays a finished run's method saved (``method_artifacts.npz``: AEKT's ``serial_weight``,
+    ``serial_bias`` and ``r_last_epoch``; DLKD's per-training-image ``difficulty`` and ``temperature``).
+
+    An empty dict when the method saves none; raises :class:`KDLibError` when the run is not finished.
+    """
+    from kdlib import engine
+
+    path = Path(run_directory)
+    if not _finished(path):
+        raise KDLibError(f"{path} is not a finished run (no final record in metrics.json)")
+    file = path / engine.ARTIFACTS
+    if not file.is_file():
+        return {}
+    with np.load(file) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def within_between(matrix, groups) -> Dict[str, float]:
+    """Mean of the off-diagonal entries of a C x C ``matrix`` whose two classes share a group (``within``)
+    and whose classes do not (``between``), e.g. groups = the superclass of each class; ``n_within`` and
+    ``n_between`` count the entries. Accepts numpy arrays or tensors.
+    """
+    m = matrix.detach().cpu().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, dtype=float)
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(g):
+        raise KDLibError(f"need a C x C matrix and C groups, got {m.shape} and {len(g)}")
+    same = g[:, None] == g[None, :]
+    off = ~np.eye(len(g), dtype=bool)
+    within, between = m[same & off], m[~same & off]
+    return {"within": float(within.mean()) if within.size else float("nan"),
+            "between": float(between.mean()) if between.size else float("nan"),
+            "n_within": int(within.size), "n_between": int(between.size)}
+
+
+def image_predictions(tables: RunTables, images_u8: Tensor, labels: Tensor, by: str = "label") -> pd.DataFrame:
+    """Every finished run's student, evaluated on the given images: one row per run and image with
+    ``by`` (the run's label), ``run``, ``seed``, ``index`` (position in ``images_u8``), ``target``,
+    ``pred`` and ``correct`` (bool). For accuracy on any subset of images, e.g. per difficulty bin."""
+    y = labels.cpu().numpy()
+    parts = []
+    for row in tables.runs.itertuples(index=False):
+        model = student_model(row.run)
+        pred = logits(model, images_u8).argmax(1).numpy()
+        parts.append(pd.DataFrame({by: getattr(row, by), "run": row.run, "seed": row.seed,
+                                   "index": np.arange(len(y)), "target": y, "pred": pred,
+                                   "correct": pred == y}))
+    if not parts:
+        raise KDLibError("no runs to evaluate")
+    return pd.concat(parts, ignore_index=True)
