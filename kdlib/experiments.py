@@ -26,10 +26,17 @@ API (stable; the method chapters are written against it)::
     student_model(run_dir) -> nn.Module                          # a finished run's student, eval mode
     logits(model, images_u8) -> Tensor                           # float32 logits, eval mode, batched
 
+    glue(key, value, display=False)              # myst_nb.glue, numpy scalars as Python numbers
+    method_artifacts(run_dir) -> dict[str, ndarray]        # a finished run's method_artifacts.npz ({} if none)
+    method_history(tables, key, by="label") -> DataFrame   # a per-epoch method fact, one row per list item
+    image_predictions(tables, images, labels, by="label") -> DataFrame  # every run's prediction per image
+    within_between(matrix, groups) -> dict(within=, between=, n_within=, n_between=)
+
     summarize(tables, by="label") -> DataFrame   # mean/std over seeds of best and last accuracy, cost
     pm(mean, std, digits=2) -> str               # "71.23 ± 0.40"
     class_accuracy(tables, by="label") -> DataFrame        # per class, mean over seeds (+ teacher_acc)
     class_delta(tables, label, baseline, by="label") -> DataFrame   # per class: acc, baseline_acc, delta
+    tail_accuracy(tables, k=10, by="label") -> DataFrame   # mean, worst class, bottom-k mean: mean/std over seeds
     helped_hurt(delta) -> dict(helped=, hurt=, unchanged=)
 
 Run directories: ``$KDLIB_HOME/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>`` where
@@ -66,8 +73,9 @@ from kdlib.errors import KDLibError
 from kdlib.records import RunTables, load_runs
 
 __all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "dataset", "teacher_model",
-           "teacher_run", "teacher_records", "student_model", "logits", "summarize", "pm",
-           "class_accuracy", "class_delta", "helped_hurt", "scaled_warmup"]
+           "teacher_run", "teacher_records", "student_model", "logits", "method_artifacts", "method_history",
+           "image_predictions", "within_between", "glue", "summarize", "pm", "class_accuracy",
+           "class_delta", "tail_accuracy", "helped_hurt", "scaled_warmup"]
 
 #: the papers' warm-up length (epochs) out of their 240-epoch recipe
 PAPER_WARMUP = 20
@@ -286,6 +294,11 @@ def _seed_text(seeds) -> str:
     return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
 
 
+def _epoch_text(epochs) -> str:
+    epochs = sorted({int(e) for e in epochs})
+    return "/".join(map(str, epochs)) + (" epoch" if epochs == [1] else " epochs")
+
+
 def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
     """One line naming the dataset, profile, pair, epochs and seeds, for every caption of the book.
 
@@ -293,7 +306,7 @@ def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
     """
     if isinstance(obj, Setting):
         parts = [dataset(obj).description, f"{obj.profile} profile", f"{obj.teacher}→{obj.student}",
-                 f"{obj.epochs} epochs", _seed_text(obj.seeds)]
+                 _epoch_text([obj.epochs]), _seed_text(obj.seeds)]
         return " · ".join(parts)
     runs = obj.runs if isinstance(obj, RunTables) else obj
     if runs.empty:
@@ -308,7 +321,7 @@ def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
                    if runs["teacher"].notna().any() else set(runs["student"].astype(str)))
     epochs = sorted({int(e) for e in runs["epochs"].dropna()})
     return " · ".join([one("dataset"), f"{one('profile')} profile", ", ".join(pairs),
-                       "/".join(map(str, epochs)) + " epochs", _seed_text(runs["seed"].dropna())])
+                       _epoch_text(epochs), _seed_text(runs["seed"].dropna())])
 
 
 # -- models and data for the analyses --------------------------------------------------------------
@@ -376,6 +389,16 @@ def logits(model: nn.Module, images_u8: Tensor, batch_size: int = 256) -> Tensor
 
 
 # -- tables for the text ---------------------------------------------------------------------------
+def glue(key: str, value: Any, display: bool = False) -> None:
+    """``myst_nb.glue`` for the prose: numpy/torch scalars become Python numbers first (their repr,
+    ``np.float64(0.5)``, would defeat ``{glue:text}`key:.2f```), and nothing is shown by default."""
+    from myst_nb import glue as _glue
+
+    if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    _glue(key, value, display=display)
+
+
 def pm(mean: float, std: float, digits: int = 2) -> str:
     """``"71.23 ± 0.40"``; a single run (std NaN) gives the mean alone."""
     if std is None or (isinstance(std, float) and math.isnan(std)):
@@ -496,3 +519,55 @@ def image_predictions(tables: RunTables, images_u8: Tensor, labels: Tensor, by: 
     if not parts:
         raise KDLibError("no runs to evaluate")
     return pd.concat(parts, ignore_index=True)
+
+
+# -- added for the CWKD, CLKD and ReKD chapters ---------------------------------------------------------
+def method_history(tables: RunTables, key: str, by: str = "label") -> pd.DataFrame:
+    """A fact a method reported at the end of every epoch (``history[i]["method"][key]`` in each run's
+    ``metrics.json``, e.g. CWKD's ``hard_classes``), as a long table: one row per run, epoch and list
+    item, with ``by`` (when the tables have it), ``run``, ``method``, ``seed``, ``epoch``, ``position``
+    (the item's place in the list) and ``value``. A scalar fact gives one row per epoch (position 0); an
+    empty list gives no row. The tables' ``epochs`` frame keeps only scalar facts (``method_NAME``
+    columns); this reads the lists too, from the records themselves.
+    """
+    from kdlib.records import read_metrics
+
+    rows = []
+    runs = tables.runs
+    for r in runs.itertuples(index=False):
+        record = read_metrics(r.run)
+        for h in record.get("history") or []:
+            value = (h.get("method") or {}).get(key)
+            if value is None:
+                continue
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for position, item in enumerate(items):
+                row = {"run": r.run, "method": r.method, "seed": r.seed, "epoch": h.get("epoch"),
+                       "position": position, "value": item}
+                if by in runs.columns:
+                    row = {by: getattr(r, by), **row}
+                rows.append(row)
+    columns = ([by] if by in runs.columns else []) + ["run", "method", "seed", "epoch", "position", "value"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def tail_accuracy(tables: RunTables, k: int = 10, by: str = "label") -> pd.DataFrame:
+    """How the weakest classes fare: per run, the mean accuracy over the classes (``mean``), the accuracy
+    of the worst class (``worst``) and the mean of the ``k`` worst classes (``bottom_k``), each run ranking
+    its own classes; then per ``by`` value the mean and sample std over the runs (seeds) of each
+    (``mean_mean``, ``mean_std``, ``worst_mean``, ``worst_std``, ``bottom_k_mean``, ``bottom_k_std``)
+    and ``n`` runs. Order: as the values first appear. Accuracies in percent.
+    """
+    if k < 1:
+        raise KDLibError(f"k must be >= 1, got {k}")
+    c = tables.classes
+    if c.empty:
+        raise KDLibError("no per-class accuracies in these tables (are the runs finished?)")
+    per_run = c.groupby([by, "run"], sort=False)["acc"].agg(
+        mean="mean", worst="min", bottom_k=lambda a: float(np.sort(a.to_numpy())[:k].mean())).reset_index()
+    order = list(dict.fromkeys(per_run[by]))
+    out = per_run.groupby(by, sort=False).agg(
+        n=("run", "count"), mean_mean=("mean", "mean"), mean_std=("mean", "std"),
+        worst_mean=("worst", "mean"), worst_std=("worst", "std"),
+        bottom_k_mean=("bottom_k", "mean"), bottom_k_std=("bottom_k", "std"))
+    return out.loc[order]

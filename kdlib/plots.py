@@ -20,6 +20,11 @@ API::
     gradient_check({name: (analytic, autograd)}, title=None)
     soft_targets(logits, temperatures, label=None, class_names=None, title=None)
     histogram(values, xlabel, title=None, bins=30, hue=None)
+    binned(frame, x, y, hue=None, title=None, xlabel=None)      # one panel per y column, per bin of x
+    weights_vs_confidence(confidence, {name: weights or constant}, xlabel, ylabel, logy=False, title=None)
+    class_matrices({name: C x C matrix}, class_to_superclass, title=None)  # heatmaps, superclass order
+    class_sets(members, class_to_superclass, x="epoch", value="value", class_names=None, highlight=None,
+               title=None)                                      # set membership per epoch (CWKD)
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from matplotlib.lines import Line2D
 
 __all__ = ["style", "figure", "sample_grid", "lr_schedule", "class_accuracy_curves", "class_delta",
            "class_heatmap", "training_curves", "best_vs_last", "cost", "gradient_check", "soft_targets",
-           "histogram", "superclass_palette"]
+           "histogram", "binned", "weights_vs_confidence", "class_matrices", "class_sets",
+           "superclass_palette"]
 
 HELPED, HURT, NEUTRAL = "#2a9d8f", "#e76f51", "#8d99ae"
 
@@ -300,7 +306,8 @@ def soft_targets(logits: torch.Tensor, temperatures: Sequence[float], label: Opt
             p = torch.softmax(z[i] / T, dim=0)[order].numpy()
             ax.plot(ranks, p, color=c, lw=1.3, label=f"T = {T:g}")
         ax.set_yscale("log")
-        ax.set_ylim(1e-8, 1.5)
+        lowest = float(torch.softmax(z[i] / min(temperatures), dim=0).min())
+        ax.set_ylim(max(lowest / 3, 1e-12), 1.5)
         ax.set_xlabel("class rank by teacher logit")
         if label is not None:
             y = int(label[i])
@@ -400,4 +407,41 @@ def binned(frame: pd.DataFrame, x: str, y: Sequence[str], hue: Optional[str] = N
         ax.set_ylabel(column)
     if hue is not None and axes[-1].get_legend() is not None:
         axes[-1].legend(fontsize="small", title=None)
+    return _title(fig, title)
+
+
+# -- added for the CWKD, CLKD and ReKD chapters ---------------------------------------------------------
+def class_sets(members: pd.DataFrame, class_to_superclass, x: str = "epoch", value: str = "value",
+               class_names: Optional[Sequence[str]] = None, highlight: Optional[Sequence[int]] = None,
+               title: Optional[str] = None) -> Figure:
+    """Which classes belong to a set at each step (e.g. CWKD's hard classes per epoch): one row per class
+    that is ever a member, a dot in its superclass's colour at every ``x`` where it is. ``members`` has
+    one row per (``x``, member class index in ``value``), e.g. :func:`kdlib.experiments.method_history`
+    of one run. Rows are grouped by superclass; ``highlight`` (class indices, e.g. the teacher's weakest
+    classes) marks row labels with a star."""
+    sup = (class_to_superclass.cpu().numpy() if isinstance(class_to_superclass, torch.Tensor)
+           else np.asarray(class_to_superclass))
+    pal = superclass_palette(int(sup.max()) + 1 if len(sup) else 1)
+    classes = sorted({int(c) for c in members[value]}, key=lambda c: (sup[c], c))
+    row_of = {c: i for i, c in enumerate(classes)}
+    marked = {int(c) for c in (highlight or [])}
+    fig, ax = figure(width=6.8, height=max(2.2, 0.16 * len(classes) + 1.2))
+    if classes:
+        xs = members[x].to_numpy()
+        ys = np.array([row_of[int(c)] for c in members[value]])
+        colours = [pal[int(sup[int(c)])] for c in members[value]]
+        ax.scatter(xs, ys, c=colours, s=22, marker="s", linewidths=0)
+        names = [(str(class_names[c]) if class_names is not None else str(c)) + (" *" if c in marked else "")
+                 for c in classes]
+        ax.set_yticks(range(len(classes)))
+        ax.set_yticklabels(names, fontsize=6)
+        for tick, c in zip(ax.get_yticklabels(), classes):
+            tick.set_color(pal[int(sup[c])])
+        ax.set_ylim(len(classes) - 0.5, -0.5)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x)
+    ax.set_ylabel("class (grouped by superclass)")
+    ax.grid(axis="y", visible=False)
     return _title(fig, title)

@@ -784,13 +784,28 @@ class _Outcome:
     log: Optional[str] = None
 
 
-def _job_outcome(run: PlannedRun, job: Any) -> _Outcome:
-    """What a finished submitit job says; a job that died without a result is a failed run."""
-    log = str(job.paths.stderr) if hasattr(job, "paths") else None
-    exc = job.exception()
-    if exc is None:
-        result = job.result()
-        return _Outcome(run, result.get("status", "failed"), result.get("error", ""), log)
+def _job_outcome(run: PlannedRun, job: Any) -> Optional[_Outcome]:
+    """What a submitit job says once it is over, or None while it runs.
+
+    The result file counts as the end: submitit writes it atomically before the job's interpreter
+    exits, and tearing down a process that imported torch takes seconds on a busy machine, which the
+    next run need not wait for. A job that ended without a result (killed, out of memory, time limit)
+    is a failed run, reported with the last line of what submitit saw.
+    """
+    import pickle
+
+    log = str(job.paths.stderr)
+    result_file = job.paths.result_pickle
+    if result_file.exists():
+        with open(result_file, "rb") as handle:
+            kind, value = pickle.load(handle)
+        if kind == "success":
+            return _Outcome(run, value.get("status", "failed"), value.get("error", ""), log)
+        exc: BaseException = RuntimeError(str(value))
+    elif job.done():
+        exc = job.exception() or RuntimeError(f"job {job.job_id} ended without a result")
+    else:
+        return None
     message = _last_line(exc)
     _write_error(run.run_dir, message, str(exc), log)
     return _Outcome(run, "failed", message, log)
@@ -882,11 +897,14 @@ def _run_local(runs: List[PlannedRun], spec: GridSpec, out: Path, bar: _Progress
                     break
                 job = executor.submit(RunJob(run.config.to_dict(), threads, _gpu_for_slot(slot, gpus, spec.device)))
                 running[slot] = (job, run, _teacher_pending(run))
-            finished = [s for s, (job, _, _) in running.items() if job.done()]
-            for slot in finished:
-                job, run, _ = running.pop(slot)
-                outcomes.append(_job_outcome(run, job))
-                bar.done(outcomes[-1])
+            finished = False
+            for slot, (job, run, _) in list(running.items()):
+                outcome = _job_outcome(run, job)
+                if outcome is not None:
+                    del running[slot]
+                    outcomes.append(outcome)
+                    bar.done(outcome)
+                    finished = True
             if not finished:
                 time.sleep(0.5)
     except KeyboardInterrupt:
@@ -979,11 +997,12 @@ def _wait_jobs(submitted: List[Tuple[Any, PlannedRun]], bar: _Progress, poll: fl
     while waiting:
         still = []
         for job, run in waiting:
-            if job.done():
-                outcomes.append(_job_outcome(run, job))
-                bar.done(outcomes[-1])
-            else:
+            outcome = _job_outcome(run, job)
+            if outcome is None:
                 still.append((job, run))
+            else:
+                outcomes.append(outcome)
+                bar.done(outcome)
         waiting = still
         if waiting:
             time.sleep(poll)
@@ -1092,8 +1111,9 @@ def summarize(out_dir: os.PathLike | str) -> pd.DataFrame:
 
     out = Path(out_dir).expanduser().absolute()
     entries = dict(_read_plan(out).get("runs", {}))
-    for metrics in sorted((out / RUNS_DIR).rglob("metrics.json")) if (out / RUNS_DIR).is_dir() else []:
-        entries.setdefault(metrics.parent.relative_to(out).as_posix(), None)
+    if (out / RUNS_DIR).is_dir():  # runs no plan names (sweep.json lost, or trained by hand into runs/)
+        for found in sorted([*(out / RUNS_DIR).rglob("metrics.json"), *(out / RUNS_DIR).rglob(ERROR)]):
+            entries.setdefault(found.parent.relative_to(out).as_posix(), None)
     records = _run_records(out, [rel for rel in entries if (out / rel / "metrics.json").is_file()])
     rows = [_summary_row(out, rel, entry, records.get(rel)) for rel, entry in entries.items()]
     frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -1123,11 +1143,10 @@ def _summary_row(out: Path, rel: str, entry: Optional[Dict[str, Any]], record: O
     row = (record or {}).get("row") or {}
     config = metrics.get("config", {}).get("run", {})
     info = dict(entry or {})
-    if not info:  # a run directory no plan names: read what it is from its own record
-        match = re.search(r"seed\d+-([0-9a-f]{8})$", rel)
-        info = {"method": config.get("method"), "teacher": config.get("teacher"), "student": config.get("student"),
-                "seed": config.get("seed"), "profile": config.get("profile"), "dataset": config.get("dataset"),
-                "override_hash": match.group(1) if match else "", "overrides": ""}
+    if not info:  # a run directory no plan names: its record says what it is, else its path does
+        info = _info_from_path(rel)
+        info.update({k: config[k] for k in ("method", "teacher", "student", "seed", "profile", "dataset")
+                     if k in config})
     error_file = _read_error(run_dir)
     status, error = _status(record, metrics, error_file)
     return {
@@ -1141,6 +1160,16 @@ def _summary_row(out: Path, rel: str, entry: Optional[Dict[str, Any]], record: O
         "override_hash": info.get("override_hash") or "", "overrides": info.get("overrides") or "",
         "running_on": RunLock.holder(run_dir) or "",
     }
+
+
+def _info_from_path(rel: str) -> Dict[str, Any]:
+    """``runs/<method>/<teacher>-<student>/seed<k>[-<hash>]`` (vanilla: ``runs/vanilla/<student>/...``)."""
+    match = re.fullmatch(rf"{RUNS_DIR}/([^/]+)/(?:([^/-]+)-)?([^/]+)/seed(\d+)(?:-([0-9a-f]{{8}}))?", rel)
+    if not match:
+        return {"method": None, "teacher": None, "student": None, "seed": None, "override_hash": "", "overrides": ""}
+    method, teacher, student, seed, digest = match.groups()
+    return {"method": method, "teacher": teacher, "student": student, "seed": int(seed),
+            "override_hash": digest or "", "overrides": ""}
 
 
 def _status(record: Optional[Dict[str, Any]], metrics: Dict[str, Any], error_file: Optional[Dict[str, Any]]) -> Tuple[str, str]:
