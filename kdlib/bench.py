@@ -68,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--pair", help=f"TEACHER:STUDENT (default {DEFAULT_PAIR[0]}:{DEFAULT_PAIR[1]}, "
                                        f"--quick {QUICK_PAIR[0]}:{QUICK_PAIR[1]})")
-    parser.add_argument("--steps", type=_positive, help="timed steps per repeat (default 20, --quick 12)")
-    parser.add_argument("--repeats", type=_positive, default=3, help="timed repeats; the median is reported (3)")
-    parser.add_argument("--warmup", type=_positive, default=3, help="untimed warm-up steps per variant (3)")
+    parser.add_argument("--steps", type=_positive, help="timed steps per repeat (default 20 on CPU, 200 on CUDA)")
+    parser.add_argument("--repeats", type=_positive, help="timed repeats; the median is reported (3 on CPU, 5 on CUDA)")
+    parser.add_argument("--warmup", type=_positive,
+                        help="untimed warm-up steps per variant (3 on CPU; 30 on CUDA: cuDNN autotuning, compilation)")
     parser.add_argument("--batch-size", dest="batch_size", type=_positive, default=64, help="batch size (64)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (2)")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"),
@@ -329,8 +330,11 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     for role, arch in zip(("teacher", "student"), pair):
         if arch not in names:
             raise KDLibError(f"unknown {role} architecture {arch!r}; valid: {', '.join(names)}")
-    steps = args.steps or (12 if args.quick else 20)
-    bs, repeats, warmup = args.batch_size, args.repeats, args.warmup
+    gpu = device.type == "cuda"
+    steps = args.steps or (200 if gpu else 20)
+    repeats = args.repeats or (5 if gpu else 3)
+    warmup = args.warmup or (30 if gpu else 3)
+    bs = args.batch_size
     profile = args.profile or ("course" if args.quick else "paper")
     profile_images, profile_epochs = _profile_size(profile)
     warm_mode = args.cache_warmup or ("fill" if device.type == "cuda" else "replay")
@@ -342,11 +346,11 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         amp_note = ""
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    # data: the reference's epoch covers every step it takes; the fast path uses the first steps*bs images
+    # data: the reference's epoch covers every step it takes; the fast path uses the first fast_n images
     needed = (warmup + steps * repeats + 1) * bs
     per_class = max(1, math.ceil(needed / 100))
     dataset = make_synthetic(train_per_class=per_class, test_per_class=1, seed=args.seed)
-    fast_n = min(int(dataset.train_images.shape[0]), steps * bs)
+    fast_n = min(steps, 64) * bs  # a whole number of batches; longer passes go round it again (new views)
     fast_data = dataclasses.replace(dataset, train_images=dataset.train_images[:fast_n].contiguous(),
                                     train_labels=dataset.train_labels[:fast_n].contiguous()).to(device)
 
@@ -389,7 +393,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             cache.commit()
             warm_fill = None
             if warm_mode == "fill":
-                warm_fill = cache.fill(batch_size=1024)
+                warm_fill = cache.fill()
             times: Dict[str, List[float]] = {"reference": [], "live": [], "cache": []}
             computed_before_warm = cache.computed
             lookups_before_warm = cache.lookups
@@ -410,8 +414,8 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
                 teacher_name=pair[0], dataset_description=dataset.description, device=device, amp=amp,
                 channels_last=args.channels_last, dtype=args.cache_dtype, root=fill_root)
             k = max(1, min(fill_images, fast_n - 1))
-            fill_cache.fill([0], batch_size=1024)  # warm-up of the large-batch kernels (untimed)
-            fill = fill_cache.fill(range(1, 1 + k), batch_size=1024)
+            fill_cache.fill([0])  # warm-up of the large-batch kernels (untimed)
+            fill = fill_cache.fill(range(1, 1 + k))
             fill_cache.close()
         ref.iterator = None  # stop the workers
 

@@ -173,6 +173,10 @@ def load_dataset(
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     if name == "synthetic":
+        knobs = [k for k, p in inspect.signature(make_synthetic).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(synthetic_options) - set(knobs))
+        if unknown:
+            raise KDLibError(f"unknown synthetic option(s) {', '.join(unknown)}; valid: {', '.join(knobs)}")
         return make_synthetic(
             train_per_class=100 if train_per_class is None else train_per_class,
             test_per_class=20 if test_per_class is None else test_per_class,
@@ -575,8 +579,9 @@ def crop_flip(images_u8: Tensor, offsets: Tensor, flips: Tensor, padding: int = 
     """The deterministic view: zero-pad by ``padding``, crop at ``offsets`` (top, left), then flip where ``flips``.
 
     Equals torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` on the PIL image
-    for the same parameters. One gather for the whole batch: the output pixel (i, j) of image b reads
-    padded[b, top + i, left + j] (or ``left + W - 1 - j`` when flipped).
+    for the same parameters: output pixel (i, j) of image b is padded[b, top + i, left + j], or
+    padded[b, top + i, left + W - 1 - j] when flipped. No Python loop over the batch: one pad, one
+    gather of the chosen windows, one select of the flipped ones.
     """
     _check_images(images_u8)
     B, _, H, W = images_u8.shape

@@ -734,30 +734,41 @@ def execute_run(config: Dict[str, Any] | kconfig.RunConfig, *, threads: Optional
     """
     if cuda_visible_devices is not None:  # before anything initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-    from kdlib import engine
-
-    cfg = config if isinstance(config, kconfig.RunConfig) else kconfig.RunConfig.from_dict(config)
-    run_dir = Path(cfg.out)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    run_dir: Optional[Path] = None
     try:
+        from kdlib import engine
+
+        cfg = config if isinstance(config, kconfig.RunConfig) else kconfig.RunConfig.from_dict(config)
+        run_dir = Path(cfg.out)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         with RunLock(run_dir):
             (run_dir / ERROR).unlink(missing_ok=True)  # a retry makes an old failure moot
             try:
                 metrics = engine.train(cfg, progress=False, verbose=verbose)
             except engine.TrainingInterrupted as exc:
                 return {"status": "incomplete", "error": _last_line(exc)}
-            except Exception as exc:  # noqa: BLE001 - one failed run must not stop the sweep
-                message = _last_line(exc)
-                _write_error(run_dir, message, traceback.format_exc())
-                return {"status": "failed", "error": message}
+            except Exception as exc:  # noqa: BLE001 - recorded while the lock is held: no retry races it
+                return _failed(run_dir, exc)
     except RunLocked as exc:
         return {"status": "locked", "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one failed run must not stop the sweep
+        return _failed(run_dir, exc)
     final = metrics.get("final") or {}
     return {"status": "finished" if final else "incomplete", "error": "",
             "best_test_acc": final.get("best_test_acc"), "last_test_acc": final.get("test_acc")}
+
+
+def _failed(run_dir: Optional[Path], exc: BaseException) -> Dict[str, Any]:
+    message = _last_line(exc)
+    if run_dir is not None:
+        try:
+            _write_error(run_dir, message, traceback.format_exc())
+        except OSError:
+            pass  # an unwritable run directory: the returned status still says it
+    return {"status": "failed", "error": message}
 
 
 class RunJob(_JobBase):  # type: ignore[misc,valid-type]
@@ -1137,7 +1148,8 @@ def _run_records(out: Path, rels: List[str]) -> Dict[str, Dict[str, Any]]:
     return found
 
 
-def _summary_row(out: Path, rel: str, entry: Optional[Dict[str, Any]], record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _summary_row(out: Path, rel: str, entry: Optional[Dict[str, Any]],
+                 record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     run_dir = out / rel
     metrics = (record or {}).get("metrics") or {}
     row = (record or {}).get("row") or {}
@@ -1172,7 +1184,8 @@ def _info_from_path(rel: str) -> Dict[str, Any]:
             "override_hash": digest or "", "overrides": ""}
 
 
-def _status(record: Optional[Dict[str, Any]], metrics: Dict[str, Any], error_file: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+def _status(record: Optional[Dict[str, Any]], metrics: Dict[str, Any],
+            error_file: Optional[Dict[str, Any]]) -> Tuple[str, str]:
     if record and "unreadable" in record:
         return "failed", record["unreadable"]
     if metrics.get("final"):
@@ -1336,7 +1349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "train_per_class=50); dkd.beta=2 names the method; repeatable")
     g.add_argument("--out", help="sweep directory: runs/, teachers/, summary.csv, aggregate.csv")
     t = parser.add_argument_group("teachers")
-    t.add_argument("--teachers-dir", dest="teachers_dir", help="teacher cache shared by the runs (default OUT/teachers)")
+    t.add_argument("--teachers-dir", dest="teachers_dir",
+                   help="teacher cache shared by the runs (default OUT/teachers)")
     t.add_argument("--teacher-checkpoint-dir", dest="teacher_checkpoint_dir",
                    help="community checkpoints: DIR/<teacher>_vanilla/ckpt_epoch_240.pth")
     t.add_argument("--teacher-checkpoint", dest="teacher_checkpoints", action="append", metavar="ARCH=PATH",
@@ -1345,7 +1359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--executor", choices=EXECUTORS, help="local (default): subprocesses via submitit; slurm: "
                                                          "an array job; inline: in this process")
     x.add_argument("--workers", type=_int_arg, help="local: runs at once (default 1)")
-    x.add_argument("--threads", type=_int_arg, help="torch threads per run (default: cores / workers; slurm: --slurm-cpus)")
+    x.add_argument("--threads", type=_int_arg,
+                   help="torch threads per run (default: cores / workers; slurm: --slurm-cpus)")
     x.add_argument("--device", help="cpu, cuda or auto for every run (default auto)")
     x.add_argument("--slurm-partition", dest="slurm_partition")
     x.add_argument("--slurm-gpus", dest="slurm_gpus", type=_int_arg, help="GPUs per run (default 1)")
@@ -1396,7 +1411,8 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
         checkpoints[arch.strip()] = path.strip()
     data["teacher_checkpoints"] = checkpoints
     slurm = dict(data.get("slurm") or {})
-    slurm.update({key: getattr(args, flag) for flag, key in _SLURM_FLAGS.items() if getattr(args, flag, None) is not None})
+    slurm.update({key: getattr(args, flag) for flag, key in _SLURM_FLAGS.items()
+                  if getattr(args, flag, None) is not None})
     data["slurm"] = slurm
     return GridSpec.from_mapping(data, source=args.config or "")
 

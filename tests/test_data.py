@@ -232,6 +232,11 @@ def test_unknown_dataset_lists_the_valid_names():
         data.load_dataset("cifar10")
 
 
+def test_unknown_synthetic_option_is_a_clear_error():
+    with pytest.raises(KDLibError, match="unknown synthetic option.*noise_rnage.*valid: .*noise_range"):
+        data.load_dataset("synthetic", train_per_class=1, test_per_class=1, noise_rnage=(0, 1))
+
+
 def test_synthetic_options_are_refused_for_cifar100(tmp_path, fake):
     with pytest.raises(KDLibError, match="synthetic dataset only"):
         data.load_dataset("cifar100", root=tmp_path, noise_range=(0.1, 0.2))
