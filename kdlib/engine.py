@@ -36,8 +36,9 @@ completed epoch; the result is bit-identical to an uninterrupted run on the same
 number of threads). A finished run is not re-run; a different config (anything but the execution fields
 ``device``, ``amp``, ``channels_last``, ``eval_batch_size``, ``compile``, ``out``, ``teachers_dir``,
 ``data_root``) is refused. On CPU the engine enables ``torch.use_deterministic_algorithms`` (warn-only)
-while it runs. On GPUs, cuDNN's algorithm choice and atomic-add kernels make runs differ in the last bits
-from run to run, so GPU runs (and resumed GPU runs) agree statistically, not bit for bit.
+while it runs. On GPUs the engine turns on cuDNN autotuning (:func:`fast_kernels`); the algorithms it
+picks and atomic-add kernels make runs differ in the last bits from run to run, so GPU runs (and resumed
+GPU runs) agree statistically, not bit for bit.
 
 SIGINT / SIGTERM: the current step finishes, the run stops without touching the last completed epoch's
 checkpoint, ``metrics.json`` says ``"status": "interrupted"`` and :class:`TrainingInterrupted` (a
@@ -79,6 +80,7 @@ STUDENT = "student.pt"
 SCHEMA_VERSION = 1
 
 __all__ = ["train", "lr_at", "evaluate", "predict", "LiveTeacher", "Views", "TrainingInterrupted",
+           "make_batch", "train_step", "EpochSums", "compile_student", "fast_kernels",
            "resolve_device", "resolve_amp", "autocast", "epoch_generator", "seed_everything",
            "read_checkpoint", "METRICS", "CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT"]
 
@@ -168,6 +170,97 @@ class LiveTeacher:
 
 def _to_input(x: Tensor, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# -- one training step, shared by train() and the benchmark ------------------------------------------
+def make_batch(images_u8: Tensor, labels: Tensor, indices: Tensor, generator: torch.Generator,
+               channels_last: bool = False):
+    """The augmented, normalised batch of ``indices``: ``(x float32, y int64, Views)``.
+
+    Random crop + flip drawn from ``generator`` (on the images' device), then the CIFAR-100 normalisation.
+    """
+    from kdlib.data import normalize, random_crop_flip
+
+    views_u8, offsets, flips = random_crop_flip(images_u8.index_select(0, indices), generator)
+    x = _to_input(normalize(views_u8), channels_last)
+    return x, labels.index_select(0, indices), Views(indices, offsets, flips)
+
+
+class EpochSums:
+    """Loss, loss terms, correct predictions and the first non-finite step, summed on the device.
+
+    Nothing here synchronises with the host; :meth:`read` does, once per epoch.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.count = 0
+        self.loss = torch.zeros((), device=self.device)
+        self.terms: Dict[str, Tensor] = {}
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, terms: Dict[str, Tensor], logits: Tensor, targets: Tensor, step: int) -> None:
+        n = int(targets.shape[0])
+        self.count += n
+        loss = loss.detach().float()
+        self.loss += loss * n
+        for name, value in terms.items():
+            self.terms.setdefault(name, torch.zeros((), device=self.device)).add_(value.detach().float() * n)
+        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+
+    def read(self) -> Dict[str, Any]:
+        """``train_loss``, each term (sample means), ``train_acc`` (%) and ``bad_step`` (-1: all finite)."""
+        n = max(self.count, 1)
+        out: Dict[str, Any] = {"train_loss": float(self.loss) / n}
+        out.update({name: float(value) / n for name, value in self.terms.items()})
+        out["train_acc"] = 100.0 * int(self.correct) / n
+        out["bad_step"] = int(self.first_bad)
+        return out
+
+
+def train_step(forward: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               views: Optional[Views], teacher_logits: Optional[Callable[[Tensor, Views], Tensor]], ctx, *,
+               device: torch.device, amp: str = "none", sums: Optional[EpochSums] = None) -> Tensor:
+    """One SGD step: student forward (autocast if ``amp``), float32 logits to the method, sum of its terms."""
+    with autocast(device, amp):
+        s_logits = forward(x)
+    s_logits = s_logits.float()
+    t_logits = teacher_logits(x, views) if teacher_logits is not None else None
+    terms = method(s_logits, t_logits, y, ctx)
+    if not terms:
+        raise KDLibError(f"method {getattr(method, 'name', type(method).__name__)!r} returned no loss terms")
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if sums is not None:
+        sums.add(loss, terms, s_logits, y, ctx.step)
+    return loss
+
+
+def compile_student(student: nn.Module, device: torch.device, compile: bool) -> nn.Module:
+    """``torch.compile(student)`` on CUDA when asked; the student itself otherwise (slower compiled on CPU)."""
+    if compile and torch.device(device).type == "cuda":
+        return torch.compile(student)
+    return student
+
+
+@contextlib.contextmanager
+def fast_kernels(device):
+    """cuDNN autotuning (``cudnn.benchmark``) on CUDA for the duration; nothing on other devices."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 @contextlib.contextmanager
@@ -441,7 +534,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
     it again continues. A finished run prints "already finished" and returns its metrics.
     """
     from kdlib import methods, models, teachers
-    from kdlib.data import load_dataset, normalize, random_crop_flip
+    from kdlib.data import load_dataset
     from kdlib.methods.base import SetupContext, StepContext
 
     if not isinstance(config, kconfig.RunConfig):
@@ -486,7 +579,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
     channels_last = bool(cfg.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    with _deterministic(device), _stop_on_signals() as stop:
+    with _deterministic(device), fast_kernels(device), _stop_on_signals() as stop:
         # -- data and teacher (the teacher may be trained here, by a nested train()) ------------------
         dataset = _dataset if _dataset is not None else load_dataset(
             cfg.dataset, root=cfg.data_root, train_per_class=cfg.train_per_class,
@@ -512,12 +605,9 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
             train_labels=dataset.train_labels, predict=predict_fn, device=device, epochs=cfg.epochs)) or {}
         optimizer = torch.optim.SGD(list(student.parameters()) + list(method.parameters()), lr=cfg.lr,
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
-        forward_student: nn.Module = student
-        if cfg.compile:
-            if device.type == "cuda":
-                forward_student = torch.compile(student)
-            else:
-                log(f"[{label}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
+        forward_student = compile_student(student, device, cfg.compile)
+        if cfg.compile and forward_student is student:
+            log(f"[{label}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
         teacher_logits: Optional[Callable[[Tensor, Views], Tensor]] = (
             LiveTeacher(teacher, device, amp) if teacher is not None else None)
 
@@ -580,37 +670,14 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                     teacher.eval()
                 perm = torch.randperm(N, generator=epoch_generator(cfg.seed, epoch, _STREAM_SHUFFLE)).to(device)
                 aug = epoch_generator(cfg.seed, epoch, _STREAM_AUGMENT, device=device)
-                loss_sum = torch.zeros((), device=device)
-                term_sums: Dict[str, Tensor] = {}
-                correct = torch.zeros((), dtype=torch.int64, device=device)
-                first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+                sums = EpochSums(device)
                 batch_bar = _bar(bars, total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
                 for step in range(steps):
                     idx = perm[step * bs:(step + 1) * bs]
-                    views_u8, offsets, flips = random_crop_flip(dataset.train_images.index_select(0, idx), aug)
-                    x = _to_input(normalize(views_u8), channels_last)
-                    y = dataset.train_labels.index_select(0, idx)
-                    with autocast(device, amp):
-                        s_logits = forward_student(x)
-                    s_logits = s_logits.float()
-                    t_logits = teacher_logits(x, Views(idx, offsets, flips)) if teacher_logits else None
-                    terms = method(s_logits, t_logits, y, StepContext(
-                        epoch=epoch, step=step, steps_per_epoch=steps, epochs=cfg.epochs, indices=idx))
-                    if not terms:
-                        raise KDLibError(f"method {cfg.method!r} returned no loss terms")
-                    loss = sum(terms.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    n = idx.shape[0]
-                    with torch.no_grad():
-                        loss_d = loss.detach().float()
-                        loss_sum += loss_d * n
-                        for name, value in terms.items():
-                            term_sums.setdefault(name, torch.zeros((), device=device)).add_(value.detach().float() * n)
-                        correct += (s_logits.detach().argmax(dim=1) == y).sum()
-                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d),
-                                                torch.full_like(first_bad, step), first_bad)
+                    x, y, views = make_batch(dataset.train_images, dataset.train_labels, idx, aug, channels_last)
+                    train_step(forward_student, method, optimizer, x, y, views, teacher_logits,
+                               StepContext(epoch=epoch, step=step, steps_per_epoch=steps, epochs=cfg.epochs,
+                                           indices=idx), device=device, amp=amp, sums=sums)
                     if batch_bar is not None:
                         batch_bar.update(1)
                     if stop["signum"] is not None:
@@ -621,7 +688,8 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                     raise TrainingInterrupted(stop["signum"], epoch, str(out))
 
                 # -- once per epoch: read the sums, check them, evaluate, record --------------------
-                bad_step = int(first_bad)
+                epoch_sums = sums.read()  # the epoch's one host synchronisation
+                bad_step = epoch_sums.pop("bad_step")
                 if bad_step >= 0:
                     message = (f"non-finite loss (nan/inf) at epoch {epoch}, step {bad_step} of run {out}; "
                                f"the checkpoint of epoch {epoch - 1} is kept. Lower the learning rate or "
@@ -630,9 +698,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                     atomic_write_json(metrics_path, metrics)
                     raise KDLibError(message)
                 train_seconds = time.perf_counter() - t0
-                row: Dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / N}
-                row.update({name: float(value) / N for name, value in term_sums.items()})
-                row["train_acc"] = 100.0 * int(correct) / N
+                row: Dict[str, Any] = {"epoch": epoch, "lr": lr, **epoch_sums}
                 last_eval = evaluate(student, dataset.test_images, dataset.test_labels, C, eval_bs,
                                      channels_last, amp)
                 row.update({k: last_eval[k] for k in ("test_acc", "test_acc5", "test_loss", "per_class_acc")})
