@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,21 @@ def test_signal_stops_cleanly_and_resumes_identically(tmp_path, sig, code):
     a = torch.load(out / "student.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "straight" / "student.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", __import__("kdlib.methods", fromlist=["names"]).names())
+def test_every_method_trains_one_synthetic_epoch(method, tiny_teachers_dir, tmp_path, capsys):
+    """Issue 4's end-to-end check: `python -m kdlib train --method M ... --epochs 1` for every method."""
+    from kdlib.cli import main
+
+    out = tmp_path / method
+    args = ["train", "--method", method, "--teacher", "resnet8", "--student", "resnet8", "--dataset", "synthetic",
+            "--epochs", "1", "--out", str(out), "--teachers-dir", str(tiny_teachers_dir), "--no-progress",
+            "--set", "train_per_class=4", "--set", "test_per_class=2", "--set", "teacher_epochs=2"]
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["config"]["run"]["method"] == method
+    row = metrics["history"][0]
+    terms = {k: v for k, v in row.items() if k.startswith("loss_")}
+    assert terms and all(np.isfinite(v) for v in terms.values()), row
+    assert np.isfinite(row["train_loss"]) and 0.0 <= metrics["final"]["test_acc"] <= 100.0
