@@ -226,7 +226,7 @@ class _Fast:
             engine.train_step(self.forward, self.method, self.optimizer, x, y, views, self.teacher_logits,
                               StepContext(epoch=epoch, step=step, steps_per_epoch=per_epoch, epochs=max(epoch, 1),
                                           indices=idx), device=self.device, amp=self.amp, sums=sums)
-        float(sums.loss)  # the engine reads its sums once per epoch
+        sums.read()  # the engine reads its sums once per epoch (a host synchronisation)
 
 
 # -- per-method loss cost ------------------------------------------------------------------------------

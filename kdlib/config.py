@@ -42,7 +42,10 @@ PAPER_MILESTONES = (150, 180, 210)
 
 #: fields that decide how fast a run goes, not its numbers: a run may be resumed with other values
 EXECUTION_FIELDS = ("out", "device", "amp", "channels_last", "eval_batch_size", "compile", "teachers_dir",
-                    "data_root")
+                    "data_root", "teacher_cache", "teacher_cache_dtype")
+#: ``teacher_cache``: exact teacher-logit cache (kdlib.logit_cache); auto = lazy when a teacher is used and it fits
+TEACHER_CACHE_MODES = ("auto", "off", "lazy", "full")
+TEACHER_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: fields about the teacher, meaningless (and set to None) for methods without a teacher
 TEACHER_FIELDS = ("teacher", "teacher_checkpoint", "teacher_epochs", "teacher_lr", "teacher_milestones",
                   "teacher_seed")
@@ -85,6 +88,11 @@ class RunConfig:
     channels_last: bool = True
     eval_batch_size: int = 256
     compile: bool = False  # torch.compile the student (GPU only; slower than eager on CPU)
+    # exact teacher-logit cache, shared by every run with this teacher and data ($KDLIB_HOME/logit_cache):
+    # auto = lazy when the method uses a teacher and the table fits in memory and on disk; off; lazy
+    # (fill as batches need views); full (every view before the first epoch)
+    teacher_cache: str = "auto"
+    teacher_cache_dtype: str = "auto"  # auto: float32 (exact), bfloat16 under bf16 autocast (lossless); float16
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -227,6 +235,12 @@ class RunConfig:
             _check_milestones("milestones", self.milestones)
         if self.amp not in AMP_MODES:
             raise KDLibError(f"amp must be one of {', '.join(map(repr, AMP_MODES))}, got {self.amp!r}")
+        if self.teacher_cache not in TEACHER_CACHE_MODES:
+            raise KDLibError(f"teacher_cache must be one of {', '.join(map(repr, TEACHER_CACHE_MODES))}, "
+                             f"got {self.teacher_cache!r}")
+        if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
+            raise KDLibError(f"teacher_cache_dtype must be one of {', '.join(map(repr, TEACHER_CACHE_DTYPES))}, "
+                             f"got {self.teacher_cache_dtype!r}")
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise KDLibError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -8,8 +8,11 @@ One loop for all methods (the method turns logits into named loss terms; the eng
   crop + flip, then normalise) with a device generator seeded by ``(seed, e)``. Nothing about the data
   order depends on earlier epochs, so a resumed run sees exactly the batches of an uninterrupted one.
 * The teacher is frozen: ``eval()`` mode, ``requires_grad=False``, outside the optimiser, forward under
-  ``no_grad``. Its logits come through one function, ``teacher_logits(images, views)`` (a
-  :class:`LiveTeacher` here; a cache of the 162 crop/flip views per image can replace it).
+  ``no_grad``. Its logits come through one function, ``teacher_logits(images, views)``: a
+  :class:`LiveTeacher`, or (``teacher_cache``, default ``auto``) the exact cache of the 162 crop/flip
+  views per image, :class:`kdlib.logit_cache.TeacherLogitCache`, shared by every run with that teacher
+  and data (bit-identical logits on CPU in float32). ``metrics.json`` records which
+  (``config.teacher_cache``, and per segment the cache's lookups and computed views).
 * Student forward (and teacher forward) may run under bf16 autocast (``amp``); the logits are cast to
   float32 before the method sees them, so every loss is computed in float32.
 * SGD (momentum, weight decay, no Nesterov) over the student's and the method's parameters, the
@@ -35,10 +38,10 @@ Resume and determinism: re-running the same config on the same ``out`` continues
 completed epoch; the result is bit-identical to an uninterrupted run on the same CPU machine (same
 number of threads). A finished run is not re-run; a different config (anything but the execution fields
 ``device``, ``amp``, ``channels_last``, ``eval_batch_size``, ``compile``, ``out``, ``teachers_dir``,
-``data_root``) is refused. On CPU the engine enables ``torch.use_deterministic_algorithms`` (warn-only)
-while it runs. On GPUs the engine turns on cuDNN autotuning (:func:`fast_kernels`); the algorithms it
-picks and atomic-add kernels make runs differ in the last bits from run to run, so GPU runs (and resumed
-GPU runs) agree statistically, not bit for bit.
+``data_root``, ``teacher_cache``, ``teacher_cache_dtype``) is refused. On CPU the engine enables
+``torch.use_deterministic_algorithms`` (warn-only) while it runs. On GPUs the engine turns on cuDNN
+autotuning (:func:`fast_kernels`); the algorithms it picks and atomic-add kernels make runs differ in the
+last bits from run to run, so GPU runs (and resumed GPU runs) agree statistically, not bit for bit.
 
 SIGINT / SIGTERM: the current step finishes, the run stops without touching the last completed epoch's
 checkpoint, ``metrics.json`` says ``"status": "interrupted"`` and :class:`TrainingInterrupted` (a
@@ -182,7 +185,7 @@ def make_batch(images_u8: Tensor, labels: Tensor, indices: Tensor, generator: to
     from kdlib.data import normalize, random_crop_flip
 
     views_u8, offsets, flips = random_crop_flip(images_u8.index_select(0, indices), generator)
-    x = _to_input(normalize(views_u8), channels_last)
+    x = normalize(views_u8, channels_last)  # the layout changes on uint8: same values, a quarter of the bytes
     return x, labels.index_select(0, indices), Views(indices, offsets, flips)
 
 
@@ -207,7 +210,9 @@ class EpochSums:
         loss = loss.detach().float()
         self.loss += loss * n
         for name, value in terms.items():
-            self.terms.setdefault(name, torch.zeros((), device=self.device)).add_(value.detach().float() * n)
+            if name not in self.terms:  # (setdefault would allocate a tensor every step)
+                self.terms[name] = torch.zeros((), device=self.device)
+            self.terms[name].add_(value.detach().float() * n)
         self.correct += (logits.detach().argmax(dim=1) == targets).sum()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
                                      torch.full_like(self.first_bad, step), self.first_bad)
@@ -533,7 +538,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
     ``stop_after_epoch`` pauses the run once that epoch is recorded (``"status": "paused"``); running
     it again continues. A finished run prints "already finished" and returns its metrics.
     """
-    from kdlib import methods, models, teachers
+    from kdlib import logit_cache, methods, models, teachers
     from kdlib.data import load_dataset
     from kdlib.methods.base import SetupContext, StepContext
 
@@ -610,6 +615,17 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
             log(f"[{label}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
         teacher_logits: Optional[Callable[[Tensor, Views], Tensor]] = (
             LiveTeacher(teacher, device, amp) if teacher is not None else None)
+        # the exact teacher-logit cache (kdlib.logit_cache) replaces the live teacher where it pays
+        cache_plan = logit_cache.plan(cfg.teacher_cache, uses_teacher=teacher is not None,
+                                      num_images=int(dataset.train_images.shape[0]), num_classes=C,
+                                      device=device, amp=amp, dtype=cfg.teacher_cache_dtype)
+        cache, cache_record = logit_cache.open_for_run(cache_plan, teacher, teacher_logits, dataset,
+                                                       teacher_name=str(cfg.teacher), device=device, amp=amp,
+                                                       channels_last=channels_last, progress=bars)
+        if cache is not None:
+            teacher_logits = cache
+            log(f"[{label}] teacher logits: {cache_record['mode']} cache ({cache_record['dtype']}, "
+                f"{100 * cache_record['filled']:.1f}% filled) {cache_record['path']}")
 
         history: List[Dict[str, Any]] = []
         best = {"test_acc": -math.inf, "epoch": 0}
@@ -638,6 +654,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                            "uses_teacher": bool(method_cls.uses_teacher), "setup": _jsonable(setup_facts)},
                 "dataset": _dataset_info(dataset),
                 "teacher": teacher_info,
+                "teacher_cache": cache_record,
                 "versions": _versions(),
                 "git_commit": _git_commit(),
                 "created": (previous or {}).get("config", {}).get("created")
@@ -688,6 +705,10 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                     raise TrainingInterrupted(stop["signum"], epoch, str(out))
 
                 # -- once per epoch: read the sums, check them, evaluate, record --------------------
+                if cache is not None:
+                    cache.commit()  # this epoch's new entries become visible to every other run
+                    metrics["segments"][-1]["teacher_cache"] = {
+                        k: v for k, v in cache.info().items() if k in ("filled", "lookups", "computed", "adopted")}
                 epoch_sums = sums.read()  # the epoch's one host synchronisation
                 bad_step = epoch_sums.pop("bad_step")
                 if bad_step >= 0:
@@ -737,6 +758,8 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
         finally:
             if epoch_bar is not None:
                 epoch_bar.close()
+            if cache is not None:
+                cache.close()
 
         # -- the end: confusion, final weights, method artifacts, then `final` -------------------------
         if last_eval is None:  # the last epoch was checkpointed by a process that stopped right after

@@ -374,3 +374,39 @@ def test_process_killed_during_fill_leaves_only_correct_flags(setting, tmp_path)
     assert path is not None, "the child never committed"
     flagged = _check_flagged_entries_equal_live(setting, path)
     assert 2 * 162 <= len(flagged) < 200 * 162
+
+
+# -- the engine with the cache ---------------------------------------------------------------------
+def test_engine_runs_with_the_cache_equal_live_runs_and_record_it(tiny_config, tmp_path):
+    from kdlib import engine
+
+    off = engine.train(tiny_config(teacher_cache="off", out=str(tmp_path / "off")), progress=False, verbose=False)
+    lazy = engine.train(tiny_config(teacher_cache="lazy", out=str(tmp_path / "lazy")), progress=False, verbose=False)
+    assert off["config"]["teacher_cache"]["mode"] == "off"
+    record = lazy["config"]["teacher_cache"]
+    assert record["requested"] == "lazy" and record["mode"] == "lazy" and record["dtype"] == "float32"
+    assert Path(record["path"]).is_dir() and Path(record["path"]).parent.parent == Path(os.environ["KDLIB_HOME"])
+    for a, b in zip(off["history"], lazy["history"]):  # bit-identical on CPU in float32
+        for key in ("train_loss", "loss_ce", "loss_kd", "train_acc", "test_acc", "test_loss"):
+            assert a[key] == b[key], key
+    # another run with the same teacher and data (here: same seed, so the same views) computes nothing
+    again = engine.train(tiny_config(teacher_cache="auto", out=str(tmp_path / "again")), progress=False, verbose=False)
+    assert again["config"]["teacher_cache"]["mode"] == "lazy"
+    assert again["config"]["teacher_cache"]["path"] == record["path"]
+    stats = again["segments"][-1]["teacher_cache"]
+    assert stats["lookups"] == 2 * 400 and stats["computed"] == 0
+    assert again["history"][-1]["train_loss"] == lazy["history"][-1]["train_loss"]
+
+
+def test_vanilla_runs_use_no_cache(tiny_config):
+    from kdlib import engine
+
+    metrics = engine.train(tiny_config(method="vanilla", teacher_cache="lazy"), progress=False, verbose=False)
+    assert metrics["config"]["teacher_cache"]["mode"] == "off"
+
+
+def test_teacher_cache_config_values_are_checked(tiny_config):
+    with pytest.raises(KDLibError, match="teacher_cache must be"):
+        tiny_config(teacher_cache="always")
+    with pytest.raises(KDLibError, match="teacher_cache_dtype must be"):
+        tiny_config(teacher_cache_dtype="int8")
