@@ -196,7 +196,12 @@ def class_delta(delta: pd.DataFrame, title: Optional[str] = None) -> Figure:
     ax.set_ylabel(f"{method} − {base} (points)")
     ax.set_title(f"{helped} classes helped, {hurt} hurt, {same} unchanged", fontsize="small")
     lim = max(1.0, float(d["delta"].abs().max()))
-    bins = np.linspace(-lim, lim, 21)
+    # bins one "grain" wide (per-class accuracies move in steps of 100 / (test images x seeds)), centred
+    values = np.unique(np.round(d["delta"].to_numpy(dtype=float), 6))
+    gaps = np.diff(values)
+    step = float(gaps[gaps > 1e-6].min()) if (gaps > 1e-6).any() else 1.0
+    step = max(step, 2 * lim / 60)
+    bins = np.arange(-lim - step / 2, lim + step, step)
     ax2.hist(d["delta"], bins=bins, color=NEUTRAL, edgecolor="white")
     ax2.axvline(0, color="0.3", lw=0.8)
     ax2.axvline(float(d["delta"].mean()), color="C0", lw=1.2, label=f"mean {d['delta'].mean():+.2f}")
