@@ -245,9 +245,13 @@ def test_aekt_layer_is_identity_and_registered():
     m = build("aekt", num_classes=C)
     torch.testing.assert_close(m.serial(S), S)
     params = dict(m.named_parameters())
-    assert set(params) == {"serial.weight", "serial.bias"}
-    assert params["serial.weight"].shape == (C, C)
-    assert "serial.weight" in m.state_dict()
+    assert set(params) == {"serial.delta.weight", "serial.delta.bias"}
+    assert params["serial.delta.weight"].shape == (C, C)
+    assert "serial.delta.weight" in m.state_dict()
+    torch.testing.assert_close(m.serial.weight, torch.eye(C))  # W = I + sV starts as the identity
+    with torch.no_grad():
+        params["serial.delta.weight"].normal_()
+    torch.testing.assert_close(m.serial(S), S @ m.serial.weight.T + m.serial.bias)
     assert list(build("aekt", separate="none").parameters()) == []
 
 
@@ -264,7 +268,7 @@ def test_aekt_neutral_settings_equal_dkd():
 def test_aekt_distils_through_the_serial_layer_and_summarises_r():
     m = build("aekt", num_classes=C, r_max=3.0).double()
     with torch.no_grad():
-        m.serial.weight.add_(0.1 * torch.randn(C, C, generator=torch.Generator().manual_seed(8),
+        m.serial.delta.weight.add_(0.1 * torch.randn(C, C, generator=torch.Generator().manual_seed(8),
                                                dtype=torch.float64))
     s, t = S.double(), T_.double()
     z_kd = m.serial(s)
@@ -274,7 +278,7 @@ def test_aekt_distils_through_the_serial_layer_and_summarises_r():
     torch.testing.assert_close(terms["loss_implicit"], 8.0 * L.nckd_loss(z_kd, t, Y, 4.0))
     torch.testing.assert_close(terms["loss_ce"], F.cross_entropy(s, Y))  # CE on z_cls
     total(terms).backward()
-    assert m.serial.weight.grad is not None and m.serial.weight.grad.abs().sum() > 0
+    assert m.serial.delta.weight.grad is not None and m.serial.delta.weight.grad.abs().sum() > 0
     m(s[:5], t[:5], Y[:5], step(20))
     rs = torch.cat([r, L.adaptive_weight(m.serial(s[:5]), t[:5], Y[:5], 4.0, "ratio", 0.0, 3.0)]).detach()
     facts = m.end_epoch(20)

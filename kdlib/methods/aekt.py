@@ -37,12 +37,41 @@ from kdlib.methods.dkd import default_beta  # noqa: F401  (Method.pair_defaults:
 SEPARATIONS = ("serial", "none", "parallel")
 
 
-def identity_linear(num_classes: int) -> nn.Linear:
-    layer = nn.Linear(num_classes, num_classes)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(num_classes))
-        layer.bias.zero_()
-    return layer
+class SerialLayer(nn.Module):
+    r"""The serial C x C layer, parameterised as :math:`z_{kd} = z + s\,(V z + c)` with V, c starting at 0.
+
+    Equal to ``W z + b`` with ``W = I + sV``, ``b = sc`` (exposed as ``weight``/``bias``), so it starts as the
+    identity; the residual form makes weight decay pull it towards the identity rather than towards zero,
+    and the step ``s = 0.1`` keeps it from outrunning the classifier (a plain identity-initialised
+    ``nn.Linear`` diverged to NaN in the first smoke epoch at lr 0.05).
+    """
+
+    def __init__(self, num_classes: int, step: float = 0.1):
+        super().__init__()
+        self.step = step
+        self.delta = nn.Linear(num_classes, num_classes)
+        with torch.no_grad():
+            self.delta.weight.zero_()
+            self.delta.bias.zero_()
+
+    @property
+    def in_features(self) -> int:
+        return self.delta.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.eye(self.in_features, device=self.delta.weight.device) + self.step * self.delta.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.step * self.delta.bias
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.step * self.delta(z)
+
+
+def identity_linear(num_classes: int) -> SerialLayer:
+    return SerialLayer(num_classes)
 
 
 @register
@@ -90,7 +119,7 @@ class AEKT(Method):
                 raise KDLibError(f"aekt: the serial layer has {self.serial.in_features} classes, the logits "
                                  f"{z_cls.shape[1]}; set num_classes={z_cls.shape[1]}")
             with torch.autocast(device_type=z_cls.device.type, enabled=False):
-                z_kd = self.serial(z_cls.to(self.serial.weight.dtype))
+                z_kd = self.serial(z_cls.to(self.serial.delta.weight.dtype))
         parts = dkd_parts(z_kd, teacher_logits, targets, self.temperature)
         r = adaptive_weight(z_kd, teacher_logits, targets, self.temperature, self.weight_mode,
                             self.r_min, self.r_max)
