@@ -220,7 +220,7 @@ def class_heatmap(deltas: pd.DataFrame, by: str = "label", title: Optional[str] 
     wide = deltas.pivot_table(index=by, columns="class_index", values=value, sort=False)
     wide = wide.loc[list(dict.fromkeys(deltas[by])), order["class_index"].tolist()]
     lim = max(1.0, float(np.nanmax(np.abs(wide.values))))
-    fig, ax = figure(width=11, height=1.2 + 0.42 * len(wide))
+    fig, ax = figure(width=11, height=1.9 + 0.42 * len(wide))
     sns.heatmap(wide, ax=ax, cmap="RdBu", center=0, vmin=-lim, vmax=lim, xticklabels=False,
                 cbar_kws={"label": f"{value} (points)", "shrink": 0.9})
     supers = order["superclass"].tolist()

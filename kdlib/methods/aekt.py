@@ -66,6 +66,13 @@ class SerialLayer(nn.Module):
     def bias(self) -> torch.Tensor:
         return self.step * self.delta.bias
 
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Make the layer compute ``weight @ z + bias`` (e.g. a trained run's saved ``serial_weight``)."""
+        eye = torch.eye(self.in_features, dtype=weight.dtype, device=weight.device)
+        self.delta.weight.copy_((weight - eye) / self.step)
+        self.delta.bias.copy_(bias / self.step)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.step * self.delta(z)
 
