@@ -15,7 +15,7 @@ are its defaults, then its per-pair defaults (``Method.pair_defaults``, e.g. DKD
 
 | profile | data | teacher -> student | teacher recipe | student recipe |
 |---|---|---|---|---|
-| ``smoke`` | synthetic, 100 train / 20 test per class | resnet20 -> resnet8 | 30 epochs | 15 epochs |
+| ``smoke`` | synthetic, 40 train / 20 test per class | resnet20 -> resnet8 | 20 epochs | 8 epochs |
 | ``course`` | CIFAR-100, 100 train per class, full test set | resnet56 -> resnet20 | 30 epochs | 20 epochs |
 | ``paper`` | CIFAR-100 (50k / 10k) | resnet32x4 -> resnet8x4 | 240 epochs | 240 epochs |
 """
@@ -251,8 +251,15 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise KDLibError(f"{name} must be a path, got {value!r}")
-        methods.build(self.method, **self.method_hparams())  # hyperparameter values -> KDLibError
+        # hyperparameter values, and those that need the class count (ReKD's K) -> KDLibError
+        methods.build(self.method, **self.method_hparams()).check_num_classes(dataset_num_classes(self.dataset))
         return self
+
+
+def dataset_num_classes(dataset: str) -> int:
+    from kdlib.data import NUM_CLASSES
+
+    return NUM_CLASSES[dataset]
 
 
 def field_names() -> List[str]:
@@ -286,8 +293,9 @@ def default_teachers_dir() -> Path:
 #: named presets; every value can be overridden (``make_config(profile, **overrides)``, ``--set``)
 PROFILES: Dict[str, Dict[str, Any]] = {
     # offline, seconds per epoch on a laptop CPU: exercises every code path, numbers are not CIFAR's
-    "smoke": dict(dataset="synthetic", train_per_class=100, test_per_class=20, teacher="resnet20",
-                  student="resnet8", epochs=15, teacher_epochs=30),
+    # calibrated (2 seeds): teacher 69.4 %, vanilla 60.8 %, KD 63.0 % best-epoch; the whole book in < 20 min
+    "smoke": dict(dataset="synthetic", train_per_class=40, test_per_class=20, teacher="resnet20",
+                  student="resnet8", epochs=8, teacher_epochs=20),
     # real CIFAR-100 images, a class-balanced 10k subset and the full test set: minutes per run on a CPU
     "course": dict(dataset="cifar100", train_per_class=100, test_per_class=None, teacher="resnet56",
                    student="resnet20", epochs=20, teacher_epochs=30),

@@ -96,6 +96,8 @@ __all__ = [
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 DATASETS = ("synthetic", "cifar100")
+#: classes of each dataset (both CIFAR-100-shaped), known before any data is read
+NUM_CLASSES = {"synthetic": 100, "cifar100": 100}
 
 CIFAR100_FOLDER = "cifar-100-python"
 DOWNLOAD_HINT = "python data_scripts/download_cifar100.py --root {root}"

@@ -28,7 +28,9 @@ Records, in ``config.out`` (every file written atomically, see :mod:`kdlib.io`):
   method's hyperparameters, the dataset, the teacher and its test accuracy, versions, git commit),
   ``history`` (one row per epoch), ``final`` (after the last epoch), ``status``.
 * ``checkpoint.pt`` after every epoch: student, method, optimiser, epoch, best so far, history and the
-  RNG states (python, numpy, torch, CUDA).
+  RNG states (python, numpy, torch, CUDA). The one it replaces stays as ``checkpoint.prev.pt``, so a
+  checkpoint damaged on disk costs one epoch, never the run: resume then stops with an error that says
+  how to continue from the earlier one.
 * at the end: ``confusion.npy`` (rows: true class, columns: predicted; last epoch), ``student.pt``
   (``{"model": state_dict}``, the community format) and ``method_artifacts.npz`` (if the method has any).
 
@@ -55,6 +57,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +80,7 @@ from kdlib.io import atomic_torch_save, atomic_write, atomic_write_json
 
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 CONFUSION = "confusion.npy"
 ARTIFACTS = "method_artifacts.npz"
 STUDENT = "student.pt"
@@ -461,6 +465,39 @@ def _diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _keep_previous_checkpoint(ckpt_path: Path) -> None:
+    """Make ``checkpoint.prev.pt`` the current checkpoint, before that one is replaced.
+
+    A hard link (a copy where links are impossible) under a temporary name, then an atomic rename:
+    ``checkpoint.pt`` never disappears, so a SIGKILL at any moment leaves a resumable run.
+    """
+    if not ckpt_path.is_file():
+        return
+    previous = ckpt_path.with_name(PREVIOUS_CHECKPOINT)
+    staging = ckpt_path.with_name(PREVIOUS_CHECKPOINT + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
+    try:
+        os.link(ckpt_path, staging)
+    except OSError:
+        shutil.copyfile(ckpt_path, staging)
+    os.replace(staging, previous)
+
+
+def _read_resume_checkpoint(ckpt_path: Path) -> Dict[str, Any]:
+    """:func:`read_checkpoint`, whose error on a damaged file says how to go on from the earlier one."""
+    try:
+        return read_checkpoint(ckpt_path)
+    except KDLibError as exc:
+        previous = ckpt_path.with_name(PREVIOUS_CHECKPOINT)
+        try:
+            epoch = int(read_checkpoint(previous)["epoch"])
+        except KDLibError:
+            raise exc from None
+        raise KDLibError(f"{exc}, or resume from epoch {epoch}, whose checkpoint was kept: "
+                         f"mv {previous} {ckpt_path}") from None
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -568,7 +605,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
             log(f"[{label}] already finished: {out} (best {previous['final']['best_test_acc']:.2f}%, "
                 f"last {previous['final']['test_acc']:.2f}%)")
             return previous
-    ckpt = read_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    ckpt = _read_resume_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if ckpt is not None:
         differences = _diff(ckpt["identity"], identity)
         if differences:
@@ -731,6 +768,7 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                 if row["test_acc"] > best["test_acc"]:
                     best = {"test_acc": row["test_acc"], "epoch": epoch}
 
+                _keep_previous_checkpoint(ckpt_path)
                 atomic_torch_save(ckpt_path, {
                     "epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": {"epoch": epoch, "lr": lr},
@@ -788,6 +826,9 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
         metrics["status"] = "finished"
         metrics["best"] = best
         atomic_write_json(metrics_path, metrics)
+        # a finished run never resumes, so the spare checkpoint would only double the disk use
+        with contextlib.suppress(FileNotFoundError):
+            (out / PREVIOUS_CHECKPOINT).unlink()
         log(f"[{label}] finished: last {last_eval['test_acc']:.2f}%, best {best['test_acc']:.2f}% "
             f"@ epoch {best['epoch']} -> {out}")
         return metrics

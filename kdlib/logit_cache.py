@@ -91,7 +91,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.errors import KDLibError
-from kdlib.io import atomic_write_json
+from kdlib.io import atomic_write_json, file_lock
 
 __all__ = ["TeacherLogitCache", "MODES", "DTYPES", "MIN_BATCH", "FORMAT", "num_views", "view_params",
            "teacher_fingerprint", "images_fingerprint", "default_root", "resolve_dtype", "cache_bytes",
@@ -225,21 +225,6 @@ def plan(mode: str, *, uses_teacher: bool, num_images: int, num_classes: int, de
     return {**result, "mode": "lazy", "reason": "a teacher is used and the table fits in memory and on disk"}
 
 
-@contextlib.contextmanager
-def _flock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks: renames and flag order still keep readers safe
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _sized_file(path: Path, size: int) -> None:
     """Create ``path`` holding ``size`` zero bytes by writing a temporary file and renaming it.
 
@@ -323,7 +308,7 @@ class TeacherLogitCache:
     def _open(self, device_copy: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         values_size = self.entries * self.num_classes * _ITEMSIZE[self.dtype]
-        with _flock(self.path / LOCK):
+        with file_lock(self.path / LOCK):
             meta = self._read_meta()
             ok = (meta is not None and (self.path / VALUES).is_file() and (self.path / FLAGS).is_file()
                   and (self.path / VALUES).stat().st_size == values_size
@@ -454,7 +439,7 @@ class TeacherLogitCache:
         if self._pending:
             flat = np.unique(np.concatenate(self._pending))
             self._values_mm.flush()  # msync: the values reach the file before any flag claims them
-            with _flock(self.path / LOCK):
+            with file_lock(self.path / LOCK):
                 self._flags_mm[flat] = 1
                 self._flags_mm.flush()
             self._pending = []

@@ -18,7 +18,6 @@ Two processes asking for the same missing teacher do not both train it: the trai
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError
-from kdlib.io import atomic_torch_save
+from kdlib.io import atomic_torch_save, file_lock
 
 __all__ = ["get_teacher", "teacher_key", "teacher_path", "freeze"]
 
@@ -55,22 +54,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): the atomic rename still protects readers
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _train_teacher(config: kconfig.RunConfig, path: Path, dataset, progress: bool, verbose: bool) -> None:
@@ -116,7 +99,7 @@ def get_teacher(config: kconfig.RunConfig, dataset, device, *, progress: bool = 
         key = teacher_key(cfg)
         source = "cache"
         if not path.is_file():
-            with _file_lock(path.with_suffix(".lock")):
+            with file_lock(path.with_suffix(".lock")):
                 if not path.is_file():  # another process may have trained it while we waited
                     _train_teacher(cfg, path, dataset, progress, verbose)
                     source = "trained"

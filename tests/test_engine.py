@@ -51,8 +51,8 @@ def test_profiles_and_protocol_defaults():
     assert make_config("paper", student="ShuffleV2").resolved().lr == 0.01
     assert make_config("paper", student="MobileNetV2").resolved().lr == 0.01
     smoke = make_config("smoke").resolved()
-    assert smoke.milestones == scaled_milestones(15) == [9, 11, 13]
-    assert smoke.teacher_milestones == [19, 23, 26]  # 30 epochs, rounded half up
+    assert smoke.milestones == scaled_milestones(8) == [5, 6, 7]
+    assert smoke.teacher_milestones == scaled_milestones(20) == [13, 15, 18]  # 12.5 and 17.5 rounded half up
     course = make_config("course").resolved()
     assert course.dataset == "cifar100" and course.train_per_class == 100
     # vanilla: no teacher, and the teacher recipe is not part of the run

@@ -94,6 +94,10 @@ class Method(nn.Module):
                 found[name] = fn(teacher, student)
         return found
 
+    def check_num_classes(self, num_classes: int) -> None:
+        """Raise :class:`KDLibError` if the hyperparameters cannot work with ``num_classes`` classes
+        (e.g. ReKD's K >= C). Called by config validation, before anything is trained."""
+
     def setup(self, ctx: SetupContext) -> Dict[str, Any]:
         """Called once before training; returns facts to record in the run's config (may be empty)."""
         return {}

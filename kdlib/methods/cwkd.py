@@ -69,10 +69,13 @@ class CWKD(Method):
             return
         if self.seen.numel():
             raise KDLibError(f"cwkd: state has {self.seen.numel()} classes, the logits have {num_classes}")
-        if self.rule == "lowest_k" and not self.num_hard < num_classes:
-            raise KDLibError(f"num_hard must be < the number of classes ({num_classes}), got {self.num_hard}")
+        self.check_num_classes(num_classes)
         for name in _STATE:
             setattr(self, name, torch.zeros(num_classes, dtype=getattr(self, name).dtype, device=device))
+
+    def check_num_classes(self, num_classes: int) -> None:
+        if self.rule == "lowest_k" and not self.num_hard < num_classes:
+            raise KDLibError(f"num_hard must be < the number of classes ({num_classes}), got {self.num_hard}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         resize_buffers_for_load(self, state_dict, prefix, _STATE)

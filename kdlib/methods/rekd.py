@@ -48,16 +48,16 @@ class ReKD(Method):
         self.k = check_int("k", hp["k"], 1)
 
     def setup(self, ctx):
-        self._check_k(ctx.num_classes)
+        self.check_num_classes(ctx.num_classes)
         return {}
 
-    def _check_k(self, num_classes: int) -> None:
+    def check_num_classes(self, num_classes: int) -> None:
         if not self.k < num_classes:
             raise KDLibError(f"k must be < the number of classes ({num_classes}), got {self.k}")
 
     def forward(self, student_logits, teacher_logits, targets, batch):
         z = as_float(student_logits)
-        self._check_k(z.shape[1])
+        self.check_num_classes(z.shape[1])
         d = topk_decomposition(z, teacher_logits, self.k, self.temperature, self.topk_source)
         scale = warmup_factor(batch.epoch, self.warmup) * self.temperature**2
         terms = {"loss_ce": self.ce_weight * F.cross_entropy(z, targets),
