@@ -51,7 +51,7 @@ def test_profiles_and_protocol_defaults():
     assert make_config("paper", student="ShuffleV2").resolved().lr == 0.01
     assert make_config("paper", student="MobileNetV2").resolved().lr == 0.01
     smoke = make_config("smoke").resolved()
-    assert smoke.milestones == scaled_milestones(8) == [5, 6, 7]
+    assert smoke.milestones == scaled_milestones(6) == [4, 5, 5]  # 3.75, 4.5, 5.25 rounded half up
     assert smoke.teacher_milestones == scaled_milestones(20) == [13, 15, 18]  # 12.5 and 17.5 rounded half up
     course = make_config("course").resolved()
     assert course.dataset == "cifar100" and course.train_per_class == 100
