@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +58,26 @@ def tiny_config(tiny_teachers_dir, tmp_path):
         return make_config(values.pop("profile", "smoke"), **values)
 
     return make
+
+
+class KdlibCommand:
+    """``python -m kdlib ARGS`` in a subprocess, as a user runs it: its own ``KDLIB_HOME``, one thread."""
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def __init__(self, home: Path):
+        self.env = {**os.environ, "KDLIB_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(self.repo)}
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=self.repo, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "kdlib", *args], cwd=self.repo, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the command line: ``cli("train", ...)`` waits and returns the result, ``cli.start(...)`` a Popen."""
+    return KdlibCommand(tmp_path / "home")

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +12,7 @@ import torch
 from kdlib import engine
 from kdlib.config import make_config
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_SET = ["--set", "train_per_class=2", "--set", "test_per_class=2", "--set", "teacher_epochs=1"]
-
-
-def _env(tmp_path):
-    env = dict(os.environ)
-    env.update(KDLIB_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
-def kdlib(tmp_path, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 ERRORS = [
@@ -47,8 +31,8 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("args, message", ERRORS[:4])
-def test_user_errors_exit_2_with_one_line(tmp_path, args, message):
-    result = kdlib(tmp_path, "train", *args, "--out", str(tmp_path / "run"), "--no-progress")
+def test_user_errors_exit_2_with_one_line(cli, tmp_path, args, message):
+    result = cli("train", *args, "--out", str(tmp_path / "run"), "--no-progress")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -65,39 +49,38 @@ def test_user_errors_in_process(tmp_path, capsys, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_out(tmp_path):
+def test_unwritable_out(cli, tmp_path):
     (tmp_path / "file").write_text("x")
-    result = kdlib(tmp_path, "train", "--method", "vanilla", "--out", str(tmp_path / "file" / "run"), "--no-progress")
+    result = cli("train", "--method", "vanilla", "--out", str(tmp_path / "file" / "run"), "--no-progress")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot write to the run directory"), result.stderr
 
 
-def test_train_kd_end_to_end_then_already_finished(tmp_path):
+def test_train_kd_end_to_end_then_already_finished(cli, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--method", "kd", "--teacher", "resnet20", "--student", "resnet8", "--dataset", "synthetic",
             "--epochs", "1", "--out", str(out), "--teachers-dir", str(tmp_path / "teachers"), "--no-progress", *TINY_SET]
-    result = kdlib(tmp_path, *args)
+    result = cli(*args)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "finished" and len(metrics["history"]) == 1
     assert metrics["config"]["run"]["teacher"] == "resnet20" and metrics["config"]["teacher"]["source"] == "trained"
     assert list((tmp_path / "teachers").glob("resnet20-synthetic-2pc*.pt"))
     assert "epoch 1/1" in result.stdout
-    again = kdlib(tmp_path, *args)
+    again = cli(*args)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly_and_resumes_identically(tmp_path, sig, code):
+def test_signal_stops_cleanly_and_resumes_identically(cli, tmp_path, sig, code):
     out = tmp_path / "run"
     epochs = 6
     args = ["train", "--method", "vanilla", "--student", "resnet8", "--epochs", str(epochs), "--out", str(out),
             "--device", "cpu", "--no-progress", "--set", "train_per_class=4", "--set", "test_per_class=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli.start(*args)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -120,7 +103,7 @@ def test_signal_stops_cleanly_and_resumes_identically(tmp_path, sig, code):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     if sig != signal.SIGTERM:
         return
-    resumed = kdlib(tmp_path, *args)
+    resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     finished = json.loads((out / "metrics.json").read_text())
     assert finished["status"] == "finished" and len(finished["history"]) == epochs

@@ -6,8 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,19 +14,6 @@ import torch
 
 from kdlib import engine, models
 from kdlib.config import make_config
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _env(tmp_path):
-    env = dict(os.environ)
-    env.update(KDLIB_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
-def kdlib(tmp_path, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_error_line(result, message):
@@ -54,9 +39,9 @@ def no_run_started(out: Path) -> bool:
     (["--method", "kd", "--set", "temperature=-2"], "temperature must be > 0"),
     (["--method", "kd", "--epochs", "0"], "epochs must be >= 1"),
 ])
-def test_out_of_range_hyperparameters_are_refused_before_training(tmp_path, args, message):
+def test_out_of_range_hyperparameters_are_refused_before_training(cli, tmp_path, args, message):
     out = tmp_path / "run"
-    result = kdlib(tmp_path, "train", *args, "--out", str(out), "--no-progress")
+    result = cli("train", *args, "--out", str(out), "--no-progress")
     assert_one_error_line(result, message)
     assert not out.exists()
     assert not (tmp_path / "home" / "teachers").exists()  # not even the teacher was trained
@@ -70,16 +55,16 @@ def _checkpoint_files(tmp_path):
     return wrong_arch, garbage
 
 
-def test_teacher_checkpoint_of_the_wrong_architecture_or_no_checkpoint(tmp_path):
+def test_teacher_checkpoint_of_the_wrong_architecture_or_no_checkpoint(cli, tmp_path):
     wrong_arch, garbage = _checkpoint_files(tmp_path)
     base = ["train", "--method", "kd", "--teacher", "resnet20", "--student", "resnet8", "--no-progress",
             "--set", "train_per_class=2", "--set", "test_per_class=2"]
     out = tmp_path / "a"
-    result = kdlib(tmp_path, *base, "--teacher-checkpoint", str(wrong_arch), "--out", str(out))
+    result = cli(*base, "--teacher-checkpoint", str(wrong_arch), "--out", str(out))
     assert_one_error_line(result, "resnet20")
     assert str(wrong_arch) in result.stderr and no_run_started(out)
     out = tmp_path / "b"
-    result = kdlib(tmp_path, *base, "--teacher-checkpoint", str(garbage), "--out", str(out))
+    result = cli(*base, "--teacher-checkpoint", str(garbage), "--out", str(out))
     assert_one_error_line(result, "not a PyTorch checkpoint")
     assert no_run_started(out)
 
@@ -91,27 +76,27 @@ def _fake_cifar(root: Path, broken: str) -> None:
         (folder / name).write_bytes(b"\x80\x04garbage" if name == broken else b"")
 
 
-def test_missing_or_corrupt_cifar100_names_the_download_command(tmp_path):
+def test_missing_or_corrupt_cifar100_names_the_download_command(cli, tmp_path):
     base = ["train", "--method", "vanilla", "--dataset", "cifar100", "--no-progress"]
     out = tmp_path / "a"
-    result = kdlib(tmp_path, *base, "--data-root", str(tmp_path / "nothing"), "--out", str(out))
+    result = cli(*base, "--data-root", str(tmp_path / "nothing"), "--out", str(out))
     assert_one_error_line(result, "download_cifar100.py")
     assert no_run_started(out)
     _fake_cifar(tmp_path / "data", broken="train")
     out = tmp_path / "b"
-    result = kdlib(tmp_path, *base, "--data-root", str(tmp_path / "data"), "--out", str(out))
+    result = cli(*base, "--data-root", str(tmp_path / "data"), "--out", str(out))
     assert_one_error_line(result, "cifar-100-python")
     assert "corrupt" in result.stderr or "truncated" in result.stderr or "empty" in result.stderr
     assert no_run_started(out)
 
 
-def test_an_out_holding_another_configuration_is_refused_and_left_untouched(tmp_path):
+def test_an_out_holding_another_configuration_is_refused_and_left_untouched(cli, tmp_path):
     out = tmp_path / "run"
     base = ["train", "--method", "vanilla", "--student", "resnet8", "--epochs", "1", "--out", str(out),
             "--no-progress", "--set", "train_per_class=2", "--set", "test_per_class=2"]
-    assert kdlib(tmp_path, *base).returncode == 0
+    assert cli(*base).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = kdlib(tmp_path, *base, "--set", "lr=0.2")
+    result = cli(*base, "--set", "lr=0.2")
     assert_one_error_line(result, "holds a different run")
     assert "lr" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -170,7 +155,7 @@ def _epochs_done(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_the_same_command_gives_the_uninterrupted_result(tmp_path):
+def test_sigkill_at_any_moment_then_the_same_command_gives_the_uninterrupted_result(cli, tmp_path):
     """Kill -9 while the teacher trains, while the logit cache fills, mid-epoch and right after the
     last epoch; each time the same command continues, and the end result equals a straight run."""
     out, teachers_dir = tmp_path / "run", tmp_path / "teachers"
@@ -189,8 +174,7 @@ def test_sigkill_at_any_moment_then_the_same_command_gives_the_uninterrupted_res
     ]
     kills = 0
     for moment in moments:
-        proc = subprocess.Popen([sys.executable, "-m", "kdlib", *args], cwd=REPO, env=_env(tmp_path),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = cli.start(*args)
         try:
             _wait_for(moment, proc)
             time.sleep(jitter.uniform(0.0, 0.3))
@@ -207,7 +191,7 @@ def test_sigkill_at_any_moment_then_the_same_command_gives_the_uninterrupted_res
                 engine.read_checkpoint(out / name) if name == engine.CHECKPOINT else json.loads(
                     (out / name).read_text())
     assert kills >= 3
-    final = kdlib(tmp_path, *args)
+    final = cli(*args)
     assert final.returncode == 0, final.stderr
     finished = json.loads((out / engine.METRICS).read_text())
     assert finished["status"] == "finished" and len(finished["history"]) == epochs

@@ -77,10 +77,6 @@ class SerialLayer(nn.Module):
         return z + self.step * self.delta(z)
 
 
-def identity_linear(num_classes: int) -> SerialLayer:
-    return SerialLayer(num_classes)
-
-
 @register
 class AEKT(Method):
     name = "aekt"
@@ -108,13 +104,13 @@ class AEKT(Method):
             raise KDLibError("aekt: separate='parallel' needs the student's penultimate features, which the "
                              "engine does not pass to methods (logits only); use 'serial' or 'none'")
         c = check_int("num_classes", hp["num_classes"], 2)
-        self.serial = identity_linear(c) if self.separate == "serial" else None
+        self.serial = SerialLayer(c) if self.separate == "serial" else None
         self._r_epoch = []  # detached r of this epoch's batches (for end_epoch's summary)
         self._r_last = None
 
     def setup(self, ctx):
         if self.serial is not None and self.serial.in_features != ctx.num_classes:
-            self.serial = identity_linear(ctx.num_classes).to(self.serial.weight.device)
+            self.serial = SerialLayer(ctx.num_classes).to(self.serial.delta.weight.device)
             return {"serial_layer_classes": ctx.num_classes}
         return {}
 
