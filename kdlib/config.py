@@ -275,10 +275,27 @@ def default_lr(arch: Optional[str]) -> float:
 
 def scaled_milestones(epochs: int, milestones: Iterable[int] = PAPER_MILESTONES,
                       of: int = PAPER_EPOCHS) -> List[int]:
-    """The paper's milestones (150/180/210 of 240) scaled to ``epochs``, rounded half up, at least 1."""
+    """The paper's milestones (150/180/210 of 240) scaled to ``epochs``: distinct decays, in order.
+
+    Each milestone is scaled and rounded half up (at least 1); a milestone that would coincide with the
+    previous one moves one epoch later, so two decays never land at once (a 100x drop in one epoch); a
+    milestone that then falls on or after the last epoch is dropped, because a decay after epoch ``m``
+    first acts in epoch ``m + 1`` and would change nothing. So a short run keeps the recipe's shape --
+    a long phase at the full rate, then one decay per epoch at most -- with fewer decays when the run is
+    too short to hold them all: 6 epochs give ``[4, 5]`` (two decays, the third has no epoch left), 20
+    give ``[13, 15, 18]``, 240 give exactly 150/180/210.
+    """
     if not isinstance(epochs, int) or isinstance(epochs, bool):
         return list(milestones)
-    return [max(1, int(math.floor(m * epochs / of + 0.5))) for m in milestones]
+    out: List[int] = []
+    for m in milestones:
+        scaled = max(1, int(math.floor(m * epochs / of + 0.5)))
+        if out and scaled <= out[-1]:
+            scaled = out[-1] + 1
+        if scaled >= epochs:
+            break
+        out.append(scaled)
+    return out
 
 
 def kdlib_home() -> Path:

@@ -45,10 +45,12 @@ method and its hyperparameters, models, data, optimiser, seed, teacher recipe). 
 teacher in their identity, so every chapter shares them.
 
 Warm-up. DKD-style methods ramp their distillation weight up over ``warmup`` epochs (20 of the papers'
-240). The book scales that warm-up with the run's length exactly as :mod:`kdlib.config` scales the
-learning-rate milestones (``round(20 * epochs / 240)``, at least 1), so a 15-epoch smoke run keeps the
-recipe's proportions; a value the chapter passes explicitly is used as given, and the value used is
-recorded in each run's ``metrics.json``. In the ``paper`` profile (240 epochs) this is the paper's 20.
+240). The book scales that warm-up with the run's length, ``20 * epochs / 240`` epochs without rounding
+(:func:`scaled_warmup`: 0.5 epoch in the 6-epoch smoke profile), and the methods ramp a warm-up that is
+not a whole number >= 2 of epochs per step (:func:`kdlib.methods.base.warmup_factor`), so a short run's
+warm-up still ramps. A value the chapter passes explicitly is used as given, and the value used is
+recorded in each run's ``metrics.json``. In the ``paper`` profile (240 epochs) this is the paper's 20,
+by epoch.
 
 ``tiny`` is set only by the tests (a few images per class, one epoch): chapters use it to skip optional
 extra experiments, never to change what the main experiment is.
@@ -161,9 +163,17 @@ class Setting:
         return dataclasses.replace(self, seeds=_seeds(seeds))
 
 
-def scaled_warmup(epochs: int, warmup: int = PAPER_WARMUP, of: int = kconfig.PAPER_EPOCHS) -> int:
-    """The papers' warm-up (20 of 240 epochs) scaled to ``epochs``, rounded half up, at least 1."""
-    return max(1, int(math.floor(warmup * epochs / of + 0.5)))
+def scaled_warmup(epochs: int, warmup: int = PAPER_WARMUP, of: int = kconfig.PAPER_EPOCHS) -> Union[int, float]:
+    """The papers' warm-up (20 of 240 epochs) scaled to ``epochs``, in epochs, not rounded.
+
+    An integer when the scaled length is a whole number (20 in the ``paper`` profile, so that run's
+    recipe, and identity, is the papers' ``warmup=20``), else a float rounded to 6 decimals (0.5 epoch
+    in the 6-epoch smoke profile). Rounding to whole epochs would make a short run's warm-up 1 epoch,
+    which by epoch is no warm-up at all; :func:`kdlib.methods.base.warmup_factor` ramps a fractional
+    warm-up per step.
+    """
+    w = warmup * epochs / of
+    return int(w) if float(w).is_integer() else round(w, 6)
 
 
 def _directory(cfg: kconfig.RunConfig) -> Path:

@@ -51,9 +51,12 @@ def test_profiles_and_protocol_defaults():
     assert make_config("paper", student="ShuffleV2").resolved().lr == 0.01
     assert make_config("paper", student="MobileNetV2").resolved().lr == 0.01
     smoke = make_config("smoke").resolved()
-    assert smoke.milestones == scaled_milestones(6) == [4, 5, 5]  # 3.75, 4.5, 5.25 rounded half up
+    # 3.75, 4.5, 5.25 round half up to 4, 5, 5; the collision moves to 6, the last epoch, where it would act
+    # on no epoch at all, so the 6-epoch student keeps two distinct decays
+    assert smoke.milestones == scaled_milestones(6) == [4, 5]
     assert smoke.teacher_milestones == scaled_milestones(20) == [13, 15, 18]  # 12.5 and 17.5 rounded half up
     course = make_config("course").resolved()
+    assert course.milestones == [13, 15, 18]
     assert course.dataset == "cifar100" and course.train_per_class == 100
     # vanilla: no teacher, and the teacher recipe is not part of the run
     vanilla = make_config("smoke", method="vanilla").resolved()
@@ -402,3 +405,25 @@ def test_evaluate_counts(tiny_teachers_dir):
     assert result["confusion"].sum() == 10 and (result["confusion"].sum(1) == [3, 3, 2, 2]).all()
     assert math.isclose(sum(result["per_class_acc"][c] * [3, 3, 2, 2][c] for c in range(4)) / 10,
                         result["test_acc"])
+
+
+def test_scaled_schedule_decays_one_step_at_a_time():
+    """Scaled milestones are distinct decays: no epoch trains more than one decay below the epoch before
+    (the old rounding gave the smoke student [4, 5, 5], a 100x drop in one epoch)."""
+    from kdlib.engine import lr_at
+
+    assert scaled_milestones(240) == [150, 180, 210]
+    for epochs in [1, 2, 3, 5, 6, 7, 8, 10, 15, 20, 30, 100, 240]:
+        ms = scaled_milestones(epochs)
+        assert ms == sorted(set(ms)) and all(1 <= m < epochs for m in ms), (epochs, ms)
+        lrs = [lr_at(e, 0.05, ms, 0.1) for e in range(1, epochs + 1)]
+        for before, after in zip(lrs, lrs[1:]):
+            assert after == pytest.approx(before) or after == pytest.approx(before * 0.1), (epochs, lrs)
+        # every milestone acts on a later epoch
+        assert sum(1 for a, b in zip(lrs, lrs[1:]) if b < a) == len(ms)
+        # the full-rate phase keeps the recipe's proportion (150/240) to within one epoch
+        if ms:
+            assert abs(ms[0] - 150 * epochs / 240) <= 1, (epochs, ms)
+    smoke = make_config("smoke").resolved()
+    lrs = [lr_at(e, smoke.lr, smoke.milestones, smoke.lr_decay) for e in range(1, smoke.epochs + 1)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.005, 0.0005])

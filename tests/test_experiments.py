@@ -73,12 +73,13 @@ def test_run_dirs_are_deterministic_and_name_what_decides_the_numbers():
 
 
 def test_warmup_is_scaled_with_the_run_length():
-    assert ex.scaled_warmup(240) == 20
-    assert ex.scaled_warmup(15) == 1
-    assert ex.scaled_warmup(30) == 3  # 2.5 rounds half up
-    assert ex.scaled_warmup(1) == 1
+    assert ex.scaled_warmup(240) == 20 and isinstance(ex.scaled_warmup(240), int)  # the paper's recipe, same identity
+    assert ex.scaled_warmup(6) == 0.5  # the smoke student: half an epoch, ramped per step
+    assert ex.scaled_warmup(15) == 1.25
+    assert ex.scaled_warmup(24) == 2 and isinstance(ex.scaled_warmup(24), int)
+    assert ex.scaled_warmup(20) == pytest.approx(5 / 3, abs=1e-6)
     s = tiny_setting(epochs=30)
-    assert s.config("dkd", 0).method_params["warmup"] == 3
+    assert s.config("dkd", 0).method_params["warmup"] == 2.5
     assert s.config("dkd", 0, warmup=7).method_params["warmup"] == 7
     assert "warmup" not in s.config("kd", 0).method_params
 

@@ -449,3 +449,65 @@ def test_terms_finite_for_extreme_logits(name, temperature):
         (grad,) = torch.autograd.grad(total(terms), s)
         assert torch.isfinite(grad).all()
         m.end_epoch(epoch)
+
+
+# -- warm-up ------------------------------------------------------------------------------------------
+def test_warmup_is_the_papers_by_epoch_on_the_paper_profile():
+    """W = 20 (the paper profile): exactly min(e / 20, 1) by epoch, at every step of the epoch."""
+    from kdlib.methods.base import warmup_factor
+
+    spe = 7
+    for epoch in range(1, 26):
+        for s in range(spe):
+            ctx = StepContext(epoch=epoch, step=s, steps_per_epoch=spe, epochs=240)
+            assert warmup_factor(ctx, 20) == min(epoch / 20, 1.0)
+            t = warmup_factor(torch.tensor((epoch - 1) + (s + 1) / spe, dtype=torch.float32).reshape(()), 20)
+            assert isinstance(t, torch.Tensor) and t.item() == pytest.approx(min(epoch / 20, 1.0))
+        assert warmup_factor(epoch, 20) == min(epoch / 20, 1.0)  # the old call with an epoch number
+    assert warmup_factor(StepContext(epoch=1, step=0, steps_per_epoch=5, epochs=6), 0) == 1.0
+
+
+def test_scaled_warmup_ramps_per_step_in_short_runs():
+    """The smoke recipe's 0.5-epoch warm-up: the weight grows step by step through the first epoch, float and
+    tensor progress agree, and it reaches 1 (at the step that completes half an epoch)."""
+    from kdlib.experiments import scaled_warmup
+    from kdlib.methods.base import warmup_factor
+
+    w = scaled_warmup(6)
+    spe = 63  # 4000 smoke training images in batches of 64
+    ctx = [StepContext(epoch=1, step=s, steps_per_epoch=spe, epochs=6) for s in range(spe)]
+    f = [warmup_factor(c, w) for c in ctx]
+    assert f[0] == pytest.approx(1 / (spe * w)) and f[0] < 1
+    assert all(a < b for a, b in zip(f[:31], f[1:32]))  # strictly increasing until the ramp ends
+    assert f[30] < 1 and f[31] == 1.0 and f[-1] == 1.0  # (31 + 1) / 63 > 0.5 >= 31 / 63
+    tens = [warmup_factor(torch.tensor(c.epoch - 1 + (c.step + 1) / spe), w).item() for c in ctx]
+    assert tens == pytest.approx(f)
+    # a progress given by the engine (seam S1) wins over epoch and step
+    class WithProgress:
+        progress = 0.25
+    assert warmup_factor(WithProgress(), w) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method,kd_terms", [("dkd", ("loss_tckd", "loss_nckd")),
+                                             ("rekd", ("loss_tisd", "loss_ntid")),
+                                             ("aekt", ("loss_explicit", "loss_implicit"))])
+def test_smoke_distillation_weight_ramps_in_the_first_epoch(method, kd_terms):
+    """With the smoke profile's scaled warm-up the distillation terms are below full weight in epoch 1
+    and at full weight from the step that completes the warm-up on (the ratio to a run without warm-up)."""
+    from kdlib.experiments import scaled_warmup
+
+    spe = 63
+    extra = {"num_classes": C} if method == "aekt" else {}
+    ramped = build(method, warmup=scaled_warmup(6), **extra)
+    full = build(method, warmup=0, **extra)
+    ramped.load_state_dict(full.state_dict())
+    for s, expected in [(0, 1 / 31.5), (15, 16 / 31.5), (31, 1.0), (62, 1.0)]:
+        ctx = StepContext(epoch=1, step=s, steps_per_epoch=spe, epochs=6)
+        a, b = ramped(S, T_, Y, ctx), full(S, T_, Y, ctx)
+        for name in kd_terms:
+            assert name in a
+            torch.testing.assert_close(a[name], expected * b[name])
+        torch.testing.assert_close(a["loss_ce"], b["loss_ce"])
+    ctx = StepContext(epoch=2, step=0, steps_per_epoch=spe, epochs=6)
+    for name in kd_terms:
+        torch.testing.assert_close(ramped(S, T_, Y, ctx)[name], full(S, T_, Y, ctx)[name])
