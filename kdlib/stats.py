@@ -254,7 +254,7 @@ def delta_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline:
            "naive": naive, "reason": ""}
     if len(seeds) < 2:
         out["reason"] = (f"{baseline} has one seed, so both deltas would share its noise (which alone gives "
-                         f"a correlation near 0.5); the correlation is not drawn")
+                         f"a correlation near 0.5)")
         return out
     first, second = seeds[0], seeds[1]
     out["r"] = spearman(x - base[first].reindex(x.index), y - base[second].reindex(x.index))
@@ -329,7 +329,7 @@ def verdict_classes(c: ClassClaims, name: Optional[str] = None, base: Optional[s
     name, base = name or c.label, base or c.baseline
     total = len(c.table)
     if not np.isfinite(c.p_value):
-        return (f"Per class, {name} differs from {base} by {c.mean_abs_delta:.1f} points on average, but "
+        return (f"Per class, {name} differs from {base} by {c.mean_abs_delta:.1f} points on average (absolute), but "
                 f"the per-class seed-to-seed noise was not measured (one seed), so no class-level claim is made.")
     noise = (f"the per-class seed noise of this setting (σ = {c.sigma_class:.1f} points for one run; a class "
              f"counts as moved beyond {c.threshold:.1f} points over {c.n} paired seed{'s' if c.n != 1 else ''})")
