@@ -266,8 +266,12 @@ def delta_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline:
 def collapsed_runs(runs: pd.DataFrame, num_classes: int, metric: str = "last_test_acc",
                    factor: float = 2.0) -> pd.DataFrame:
     """Runs that failed or collapsed: not finished, a non-finite ``metric``, or a ``metric`` below
-    ``factor`` times chance (``100 / num_classes`` percent). One row per such run with a ``reason``."""
+    ``factor`` times chance (``100 / num_classes`` percent) in a setting whose median run is above twice
+    that (a setting where nothing learns, such as the tests' one-epoch runs, flags no run for its
+    accuracy). One row per such run with a ``reason``."""
     chance = 100.0 / num_classes
+    values = pd.to_numeric(runs[metric], errors="coerce") if metric in runs else pd.Series(dtype=float)
+    learns = bool(values.notna().any() and values.median() > 2 * factor * chance)
     rows = []
     for _, r in runs.iterrows():
         value = r.get(metric)
@@ -276,7 +280,7 @@ def collapsed_runs(runs: pd.DataFrame, num_classes: int, metric: str = "last_tes
             reason = f"status {status}"
         elif value is None or not np.isfinite(value):
             reason = "no finite accuracy"
-        elif value < factor * chance:
+        elif learns and value < factor * chance:
             reason = f"{value:.1f} % accuracy, chance is {chance:.1f} %"
         else:
             continue
