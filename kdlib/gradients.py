@@ -10,7 +10,7 @@ and the losses carry :math:`T^2`, so for one sample
 
 .. math:: \frac{\partial\, T^2\,\mathrm{KL}(p^t\|p^s)}{\partial z^s_i} = T\,(p^s_i - p^t_i).
 
-The decomposition (methods.md §3.4), with :math:`\hat p` renormalised over the non-target classes:
+The decomposition (book chapters DKD and AEKT), with :math:`\hat p` renormalised over the non-target classes:
 
 * TCKD: :math:`T\,(p^s_t - p^t_t)` at the target, :math:`-T\,(p^s_t - p^t_t)\,\hat p^s_i` elsewhere;
 * NCKD: :math:`T\,(\hat p^s_i - \hat p^t_i)` for :math:`i \ne t`, 0 at the target;
@@ -161,8 +161,8 @@ def aekt_grad(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, a
 def effective_weights(teacher_logits: Tensor, targets: Tensor, temperature: float, beta: float = 8.0,
                       student_logits: Tensor = None, weight_mode: str = "ratio", r_min: float = 0.0,
                       r_max: float = 10.0) -> Dict[str, Tensor]:
-    """Per-sample weights (B,) that multiply the decoupled gradients (methods.md §3.4):
-    ``kd_implicit = 1 - p^t_t`` (KD's NCKD factor), ``dkd_implicit = beta``, and with ``student_logits``
+    """Per-sample weights (B,) that multiply the decoupled gradients (the AEKT chapter):
+    ``kd_implicit = 1 - p^t_y`` (KD's NCKD factor), ``dkd_implicit = beta``, and with ``student_logits``
     ``aekt_explicit = r`` (AEKT's TCKD factor; KD's and DKD's explicit factor is 1)."""
     pt = _probs(teacher_logits, temperature).gather(1, targets.reshape(-1, 1).long()).squeeze(1)
     out = {"kd_implicit": 1.0 - pt, "dkd_implicit": torch.full_like(pt, float(beta))}

@@ -1,6 +1,6 @@
 r"""Adaptive explicit knowledge transfer, AEKT (Park and Lee, arXiv 2409.01679). **[RECON]**: only the
-abstract and a third-party summary could be read. Exact: the gradient analysis it builds on (methods.md
-§3.4, :mod:`kdlib.gradients`). Reconstructed: the explicit loss (DKD's TCKD), the adaptive weight (the
+abstract and a third-party summary could be read. Exact: the gradient analysis it builds on (the AEKT chapter,
+:mod:`kdlib.gradients`). Reconstructed: the explicit loss (DKD's TCKD), the adaptive weight (the
 teacher/student target-confidence ratio) and the serial C x C layer.
 
 .. math:: z_{kd} = W z_{cls} + b \;(W = I,\ b = 0 \text{ at init}),\qquad
@@ -14,8 +14,8 @@ which is what the student predicts at test time (the serial layer is dropped at 
 Options: ``weight_mode`` ratio | inv_student (:math:`1/p^s_t`) | none (r = 1), ``explicit`` /
 ``implicit`` switch the TCKD / NCKD terms, ``separate`` serial | none. ``separate="parallel"`` (a second
 head on the penultimate features) is not offered: the engine passes logits only to a method.
-Defaults (kdlib's choices): alpha = 1, beta = 8 (DKD's per-pair beta when the pair is known, as
-methods.md §3.4 suggests: :func:`kdlib.methods.dkd.default_beta`), T = 4, 20 warm-up epochs,
+Defaults (kdlib's choices): alpha = 1, beta = 8 (DKD's per-pair beta when the pair is known,
+:func:`kdlib.methods.dkd.default_beta`), T = 4, 20 warm-up epochs,
 lambda_CE = 1, r in [0, 10], ``num_classes`` = 100 (the layer's size; ``setup`` re-creates it for
 another class count, so the engine must call ``setup`` before building the optimizer).
 weight_mode none + separate none is DKD exactly.

@@ -1,6 +1,6 @@
 r"""Class-aware logit KD, CLKD (Zhang, Liu, Hopcroft and He, arXiv 2211.14773). **[RECON, corroborated
 structure]**: only the abstract could be read; the loss structure is the one three unofficial
-re-implementations agree on (methods.md §3.2), the details below are kdlib's choices.
+re-implementations agree on (see the CLKD chapter), the details below are kdlib's choices.
 
 .. math:: \mathcal{L} = \lambda\,\mathrm{CE}(z^s, y) + \mu\,(L_{ins} + \beta\,L_{cla}) + \nu\,L_{cc}
 

@@ -1,7 +1,7 @@
 r"""Class-wise knowledge distillation, CWKD (Li and Yang, SPIE 2023). **[RECON]**: only the abstract could
 be read ("find hard classes with a simple technique and make the student put more effort on them"); the
 statistic, the hard-class rule, the weighting and the schedule below are kdlib's reconstruction
-(methods.md §3.1). Exact part: the base loss is KD (T = 4, 0.1 CE / 0.9 KD), §2.1.
+(the CWKD chapter lists what is read and what is chosen). Exact part: the base loss is KD (T = 4, 0.1 CE / 0.9 KD).
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y)
           + \lambda_{KD}\,\frac{1}{B}\sum_b w_b\, T^2\,

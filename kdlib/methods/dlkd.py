@@ -2,7 +2,7 @@ r"""Difficulty level-based KD, DLKD (Neurocomputing 2024, 128375). **[RECON]**: 
 read (difficulty = Euclidean distance between the predictions of the teacher and of a pruned teacher; a
 per-sample temperature by difficulty). Pruning (layer-wise L1 magnitude, 10 %, no fine-tuning) follows the
 sibling R2KD code and the level mapping (2 / 4 / 6, 20 % quantiles) the sibling Energy-KD code
-(methods.md §3.5); they are kdlib's choices, not read in DLKD. Exact part: per-sample-T KD with T_b^2.
+(see the DLKD chapter); they are kdlib's choices, not read in DLKD. Exact part: per-sample-T KD with T_b^2.
 
 .. math:: d_b = \big\| \sigma(z^t_b/\tau_d) - \sigma(z^{tp}_b/\tau_d) \big\|_2,\qquad
           \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y) + \lambda_{KD}\,\frac{1}{B}\sum_b T_b^2\,

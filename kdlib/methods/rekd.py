@@ -1,7 +1,7 @@
 r"""ReKD: Top-K Inter-class Similar Distillation (TISD) + Non-Top-K Inter-class Discriminability (NTID)
 (Xu, Ren, Huang, Zheng and Chen, IEEE TCSVT 2023). **[RECON]**: only the abstract could be read. The
 decomposition is exact mathematics; the loss follows public code of uncertain provenance (Top-K chosen
-from the student, no binary term, DKD-style warm-up); every default is kdlib's choice (methods.md §3.3).
+from the student, no binary term, DKD-style warm-up); every default is kdlib's choice (see the ReKD chapter).
 
 For a class set K with teacher mass :math:`P^t_K`, :math:`\hat p` renormalised inside K and
 :math:`\check p` outside (exact identity, tested):
