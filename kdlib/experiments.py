@@ -37,7 +37,11 @@ API (stable; the method chapters are written against it)::
     class_accuracy(tables, by="label") -> DataFrame        # per class, mean over seeds (+ teacher_acc)
     class_delta(tables, label, baseline, by="label") -> DataFrame   # per class: acc, baseline_acc, delta
     tail_accuracy(tables, k=10, by="label") -> DataFrame   # mean, worst class, bottom-k mean: mean/std over seeds
-    helped_hurt(delta) -> dict(helped=, hurt=, unchanged=)
+    helped_hurt(delta) -> dict(helped=, hurt=, unchanged=)  # a naive count; judge it with kdlib.stats
+
+Every verdict a chapter prints about these tables (above/below, helps/hurts, correlated or not) comes from
+:mod:`kdlib.stats`: paired-by-seed differences with the standard error of a difference, per-class claims
+against per-class seed noise, correlations against separate baseline seeds, collapsed runs left out.
 
 Run directories: ``$KDLIB_HOME/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>`` where
 ``hash`` is :meth:`kdlib.config.RunConfig.identity_hash` (the resolved recipe minus execution fields:
