@@ -74,11 +74,17 @@ class _Progress:
 
 
 def _run_inline(runs: List[PlannedRun], spec: GridSpec, bar: _Progress, verbose: bool) -> List[_Outcome]:
+    import torch
+
     outcomes = []
-    for run in runs:
-        result = execute_run(run.config, threads=spec.threads, verbose=verbose)
-        outcomes.append(_Outcome(run, result["status"], result.get("error", "")))
-        bar.done(outcomes[-1])
+    before = torch.get_num_threads()  # the caller's setting comes back afterwards
+    try:
+        for run in runs:
+            result = execute_run(run.config, threads=spec.run_threads(), verbose=verbose)
+            outcomes.append(_Outcome(run, result["status"], result.get("error", "")))
+            bar.done(outcomes[-1])
+    finally:
+        torch.set_num_threads(before)
     return outcomes
 
 
@@ -124,7 +130,7 @@ def _run_local(runs: List[PlannedRun], spec: GridSpec, out: Path, bar: _Progress
 
     executor = submitit.LocalExecutor(folder=str(out / JOBS_DIR))
     executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, gpus_per_node=0)
-    threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.workers)
+    threads = spec.run_threads()
     gpus = _local_gpus(spec.device)
     pending = collections.deque(runs)
     running: Dict[int, Tuple[Any, PlannedRun, Optional[str]]] = {}  # slot -> (job, run, teacher it trains)

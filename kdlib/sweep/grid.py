@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class GridSpec:
     device: Optional[str] = None
     executor: str = "local"
     workers: int = 1
-    threads: Optional[int] = None  # torch threads per job; None: cores / workers (local), --slurm-cpus
+    threads: Optional[int] = None  # torch threads per run; None: see run_threads()
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
     @classmethod
@@ -100,6 +101,51 @@ class GridSpec:
             raise KDLibError(f"{_at(source)}teacher_checkpoint_pattern must contain {{teacher}}, "
                              f"e.g. {COMMUNITY_LAYOUT!r}")
         return s
+
+    def run_threads(self) -> int:
+        """The torch thread count of every run of this grid, the same under every executor.
+
+        On a CPU the thread count changes a run's numbers (reductions split across threads add in another
+        order), while the run keeps its identity. Were it left to each executor (local: cores / workers,
+        Slurm: the task's CPUs, inline: the caller's), one run would give one number locally and another
+        on the cluster. So it is one explicit value: ``threads``, else the CPUs each Slurm task gets
+        (``slurm.cpus``), capped at this machine's cores. The engine records it in each segment of
+        ``metrics.json`` (``segments[].threads``).
+        """
+        if self.threads is not None:
+            return int(self.threads)
+        return max(1, min(int(self.slurm.cpus), os.cpu_count() or 1))
+
+    def command(self) -> str:
+        """A ``python -m kdlib sweep`` command line that describes this grid: running it again skips the
+        finished runs and resumes the others (what the summary offers for a run left unfinished)."""
+        import shlex
+
+        s, d = self, SlurmOptions()
+        args = ["python", "-m", "kdlib", "sweep", "--methods", ",".join(s.methods),
+                "--seeds", ",".join(map(str, s.seeds)), "--profile", s.profile]
+        if s.pairs:
+            args += ["--pairs", ",".join(f"{t}:{u}" for t, u in s.pairs)]
+        for flag, value in (("--dataset", s.dataset), ("--data-root", s.data_root), ("--epochs", s.epochs),
+                            ("--teachers-dir", s.teachers_dir), ("--teacher-checkpoint-dir", s.teacher_checkpoint_dir),
+                            ("--device", s.device), ("--threads", s.threads)):
+            if value is not None:
+                args += [flag, str(value)]
+        for arch, path in sorted(s.teacher_checkpoints.items()):
+            args += ["--teacher-checkpoint", f"{arch}={path}"]
+        if s.overrides:
+            args += ["--set", *s.overrides]
+        args += ["--executor", s.executor]
+        if s.executor == "local" and s.workers != 1:
+            args += ["--workers", str(s.workers)]
+        if s.executor == "slurm":
+            for flag, name in (("--slurm-partition", "partition"), ("--slurm-gpus", "gpus"), ("--slurm-cpus", "cpus"),
+                               ("--slurm-time", "time_min"), ("--slurm-mem", "mem_gb"), ("--slurm-account", "account"),
+                               ("--slurm-qos", "qos"), ("--slurm-array-parallelism", "array_parallelism")):
+                if getattr(s.slurm, name) != getattr(d, name):
+                    args += [flag, str(getattr(s.slurm, name))]
+        args += ["--out", str(s.out)]
+        return shlex.join(args)
 
     def to_dict(self) -> Dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -150,7 +196,8 @@ def parse_time_minutes(value: Any) -> int:
         hours, mins, secs = int(first), int(second or 0), int(third or 0)
         minutes = int(days or 0) * 1440 + hours * 60 + mins + math.ceil(secs / 60)
     if minutes < 1:
-        raise KDLibError(f"slurm time must be at least one minute, got {value!r}")
+        raise KDLibError(f"slurm time {value!r}: a time limit must be at least one minute; use e.g. --slurm-time 90 "
+                         f"(minutes) or 24:00:00")
     return minutes
 
 

@@ -117,9 +117,12 @@ def _last_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def _write_error(run_dir: Path, message: str, detail: str = "", log: Optional[str] = None) -> None:
+def _write_error(run_dir: Path, message: str, detail: str = "", log: Optional[str] = None,
+                 status: str = "failed") -> None:
+    """``sweep_error.json``: why the run's last job ended without finishing it. ``status`` is ``failed``
+    (an error) or ``incomplete`` (stopped from outside, e.g. a cancelled Slurm task: resuming continues it)."""
     atomic_write_json(run_dir / ERROR, {
-        "error": message, "detail": detail, "log": log, "host": platform.node(),
+        "error": message, "detail": detail, "log": log, "host": platform.node(), "status": status,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 

@@ -262,11 +262,20 @@ def _read_previous(run_dir: Path) -> Optional[Dict[str, Any]]:
 
 
 def _identity_differences(metrics: Dict[str, Any], cfg: kconfig.RunConfig) -> List[str]:
-    old = dict(metrics.get("config", {}).get("run", {}))
-    for name in kconfig.EXECUTION_FIELDS:
-        old.pop(name, None)
+    """How the run recorded in ``metrics.json`` differs from ``cfg``, by the engine's own definition of
+    "the same run": :meth:`kdlib.config.RunConfig.identity` (the resolved config minus the execution
+    fields), compared through :meth:`~kdlib.config.RunConfig.identity_hash`. No copy of that rule lives here,
+    so the sweep's "finished, skip it" and "a different run, refuse" can never disagree with the engine's
+    resume check. A record that no longer makes a config (a field this version does not know) differs.
+    """
+    try:
+        recorded = kconfig.RunConfig.from_dict(dict(metrics.get("config", {}).get("run", {})))
+        if recorded.identity_hash() == cfg.identity_hash():
+            return []
+        old = _normalised(recorded.identity())
+    except (KDLibError, TypeError, ValueError) as exc:
+        return [f"unreadable recorded config ({exc})"]
     new = _normalised(cfg.identity())
-    old = _normalised(old)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

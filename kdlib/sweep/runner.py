@@ -11,6 +11,7 @@ from kdlib.sweep.executors import _Progress, _run_inline, _run_local
 from kdlib.sweep.grid import GridSpec
 from kdlib.sweep.jobs import RunLock
 from kdlib.sweep.planning import _is_finished, _write_plan, plan
+from kdlib.sweep import slurm as _slurm
 from kdlib.sweep.slurm import _slurm_executor, _submit_slurm, _wait_jobs
 from kdlib.sweep.summary import _print_tables, aggregate, write_summary
 
@@ -71,7 +72,7 @@ def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, w
             submitted = _submit_slurm(todo, spec, executor)
             job_ids = _dedupe(str(job.job_id).split("_")[0] for job, _ in submitted)
             if wait:
-                _wait_jobs(submitted, bar, poll=15.0)
+                _wait_jobs(submitted, bar, poll=_slurm.POLL_SECONDS, resume=spec.command())
     except KeyboardInterrupt:
         write_summary(out)
         raise

@@ -100,7 +100,7 @@ def _status(record: Optional[Dict[str, Any]], metrics: Dict[str, Any],
     if metrics.get("final"):
         return "finished", ""
     if error_file is not None:
-        return "failed", str(error_file.get("error", ""))
+        return ("incomplete" if error_file.get("status") == "incomplete" else "failed"), str(error_file.get("error", ""))
     if metrics.get("status") == "failed":
         return "failed", str(metrics.get("error", ""))
     return ("incomplete", "") if metrics else ("missing", "")
