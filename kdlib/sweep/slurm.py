@@ -217,7 +217,7 @@ def _job_state(job_id: str) -> str:
 def _slurm_outcome(run: PlannedRun, job: Any, queued: Set[str], resume: str) -> Optional[_Outcome]:
     """What one task says once Slurm no longer holds it, or None while it is queued or running.
 
-    A result that says the run did not finish (the engine stopped at a signal, the run lock was taken)
+    A result that says the run did not finish (the engine stopped at a signal: cancelled, not requeued)
     and a task that ended without any result are both written to ``sweep_error.json`` with the command
     that resumes the run, so the summary shows it as not finished and how to go on.
     """
@@ -230,8 +230,8 @@ def _slurm_outcome(run: PlannedRun, job: Any, queued: Set[str], resume: str) -> 
         state = _job_state(str(job.job_id))
         outcome = _Outcome(run, "incomplete", f"Slurm job {job.job_id} ended without a result ({state})",
                            str(job.paths.stderr))
-    if outcome.status == "locked":  # another task trains this very run: its own outcome will tell
-        return outcome
+    if outcome.status in ("locked", "failed"):  # locked: the task that holds the run will tell; failed:
+        return outcome  # the error (and its traceback) is recorded already, and retrying needs a fix first
     message = f"{outcome.error}; resume with: {resume}"
     _write_error(run.run_dir, message, log=outcome.log, status=outcome.status)
     return _Outcome(run, outcome.status, message, outcome.log)
