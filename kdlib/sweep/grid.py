@@ -108,13 +108,13 @@ class GridSpec:
         On a CPU the thread count changes a run's numbers (reductions split across threads add in another
         order), while the run keeps its identity. Were it left to each executor (local: cores / workers,
         Slurm: the task's CPUs, inline: the caller's), one run would give one number locally and another
-        on the cluster. So it is one explicit value: ``threads``, else the CPUs each Slurm task gets
-        (``slurm.cpus``), capped at this machine's cores. The engine records it in each segment of
-        ``metrics.json`` (``segments[].threads``).
+        on the cluster. So it is one explicit value computed from the grid alone, never from the executor:
+        ``threads``, else the CPUs of a Slurm task (``slurm.cpus``), at most this machine's cores shared
+        by ``workers``. The engine records it in each segment of ``metrics.json`` (``segments[].threads``).
         """
         if self.threads is not None:
             return int(self.threads)
-        return max(1, min(int(self.slurm.cpus), os.cpu_count() or 1))
+        return max(1, min(int(self.slurm.cpus), (os.cpu_count() or 1) // max(1, int(self.workers))))
 
     def command(self) -> str:
         """A ``python -m kdlib sweep`` command line that describes this grid: running it again skips the

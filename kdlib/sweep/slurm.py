@@ -194,9 +194,15 @@ def _queued(job_ids: List[str]) -> Optional[Set[str]]:
     if done.returncode != 0:  # an id Slurm has forgotten already makes squeue fail: ask one by one
         found: Set[str] = set()
         for job_id in job_ids:
-            one = subprocess.run([tool, "-h", "-r", "-o", "%i", "-j", job_id], capture_output=True, text=True,
-                                 timeout=60)
-            found.update(one.stdout.split() if one.returncode == 0 else [])
+            try:
+                one = subprocess.run([tool, "-h", "-r", "-o", "%i", "-j", job_id], capture_output=True,
+                                     text=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            if one.returncode == 0:
+                found.update(one.stdout.split())
+            elif "invalid job id" not in one.stderr.lower():  # the controller did not answer: ask again later
+                return None
         return found
     return set(done.stdout.split())
 
