@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "an array job; inline: in this process")
     x.add_argument("--workers", type=_int_arg, help="local: runs at once (default 1)")
     x.add_argument("--threads", type=_int_arg,
-                   help="torch threads of every run, under every executor (default: --slurm-cpus, at most this machine's cores / --workers; CPU numbers depend on it)")
+                   help="torch threads of every run, under every executor (default: --slurm-cpus, at most this "
+                        "machine's cores / --workers; CPU numbers depend on it)")
     x.add_argument("--device", help="cpu, cuda or auto for every run (default auto)")
     x.add_argument("--slurm-partition", dest="slurm_partition")
     x.add_argument("--slurm-gpus", dest="slurm_gpus", type=_int_arg, help="GPUs per run (default 1)")
