@@ -127,7 +127,7 @@ class AEKT(Method):
         r = adaptive_weight(z_kd, teacher_logits, targets, self.temperature, self.weight_mode,
                             self.r_min, self.r_max)
         self._r_epoch.append(r.detach())
-        scale = warmup_factor(batch.epoch, self.warmup) * self.temperature**2
+        scale = warmup_factor(batch, self.warmup) * self.temperature**2
         zero = z_kd.new_zeros(())
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(z_cls, targets),

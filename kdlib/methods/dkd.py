@@ -53,7 +53,7 @@ class DKD(Method):
 
     def forward(self, student_logits, teacher_logits, targets, batch):
         parts = dkd_parts(student_logits, teacher_logits, targets, self.temperature)
-        scale = warmup_factor(batch.epoch, self.warmup) * self.temperature**2
+        scale = warmup_factor(batch, self.warmup) * self.temperature**2
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),
             "loss_tckd": scale * self.alpha * parts.tckd.mean(),

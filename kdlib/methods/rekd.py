@@ -59,7 +59,7 @@ class ReKD(Method):
         z = as_float(student_logits)
         self.check_num_classes(z.shape[1])
         d = topk_decomposition(z, teacher_logits, self.k, self.temperature, self.topk_source)
-        scale = warmup_factor(batch.epoch, self.warmup) * self.temperature**2
+        scale = warmup_factor(batch, self.warmup) * self.temperature**2
         terms = {"loss_ce": self.ce_weight * F.cross_entropy(z, targets),
                  "loss_tisd": scale * self.alpha * d.inside.mean(),
                  "loss_ntid": scale * self.beta * d.outside.mean()}
