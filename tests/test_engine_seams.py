@@ -122,3 +122,25 @@ def test_amp_auto_is_bf16_only_for_a_graphed_cuda_step():
     assert engine.resolve_amp("auto", torch.device("cuda"), graph=False) == "none"
     assert engine.resolve_amp("auto", torch.device("cpu"), graph=False) == "none"
     assert engine.resolve_amp("bf16", torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.parametrize("method", ["aekt", "cwkd"])
+def test_graph_protocol_simulated_on_cpu_matches_eager(method, tiny_config, tmp_path, monkeypatch):
+    """The graph-mode loop on CPU, capture left out (kdlib.engine.step.GraphedStep's simulation): fused SGD
+    with the learning rate as a tensor, one generator re-seeded per epoch, static indices and progress,
+    sums kept on the device and reset in place, warm-up steps undone in place, the last partial batch
+    eager. It must train like the eager loop: if the warm-up were not undone, or the learning rate (the
+    milestone after epoch 1) or the sums not carried, the histories would differ by far more than the
+    float32-vs-float64 rounding of the learning rate (fused SGD's tensor) allows (rtol 1e-4)."""
+    from kdlib.engine import run as engine_run
+
+    cfg = dict(method=method, epochs=3, milestones=[1, 2])
+    eager = engine.train(tiny_config(**cfg, out=str(tmp_path / "eager")), progress=False, verbose=False)
+    monkeypatch.setattr(engine_run, "resolve_graph", lambda graph, device: True)
+    graphed = engine.train(tiny_config(**cfg, out=str(tmp_path / "graphed")), progress=False, verbose=False)
+    assert graphed["segments"][-1]["graph"] is True and eager["segments"][-1]["graph"] is False
+    for g, e in zip(graphed["history"], eager["history"]):
+        assert g["lr"] == e["lr"]
+        for key in ("train_loss", "train_acc", "test_loss"):
+            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (method, g["epoch"], key)
+        assert g["method"].keys() == e["method"].keys()

@@ -2,7 +2,7 @@
 
 * a graphed run and an eager run of the same config agree epoch by epoch. Not bitwise: cuDNN's
   autotuned kernels and atomic adds differ between the two processes' choices, and the graph replays
-  fused SGD where the eager run uses the foreach path. Stated tolerance: train loss within 2 % relative
+  fused SGD where the eager run uses the foreach path. Stated tolerance: train loss within 3 % relative
   after 2 epochs of the tiny run, and the learning rates recorded identical;
 * SIGKILL of a graphed run, then the same command, ends like an uninterrupted graphed run (same tolerance:
   GPU runs are not bit-reproducible across processes, see kdlib.engine);
@@ -33,7 +33,7 @@ from kdlib.config import make_config  # noqa: E402
 #: 100 classes x 8 images = 800 = 12 x 64 + 32: full batches replay the graph, the last one runs eagerly
 GPU_TINY = dict(dataset="synthetic", train_per_class=8, test_per_class=2, teacher="resnet8", student="resnet8",
                 teacher_epochs=2, epochs=2, device="cuda")
-RTOL = 0.02
+RTOL = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def test_sigkill_then_resume_of_a_graphed_run_equals_the_uninterrupted_one(teach
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     resumed = engine.train(cfg, progress=False, verbose=False)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     for r, s in zip(resumed["history"], straight["history"], strict=True):

@@ -234,16 +234,13 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
         log(f"[{name}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
     teacher_logits: Optional[Callable] = LiveTeacher(teacher, device, amp) if teacher is not None else None
     # the exact teacher-logit cache (kdlib.logit_cache) replaces the live teacher where it pays
-    cache_mode = cfg.teacher_cache
-    if graph and cache_mode == "auto":
-        # a graph cannot fill a lazy cache (a miss needs the host): fill it up front, once per teacher and
-        # data, shared by every run; see the config docstring (decided from gpu-notes, not measured here)
-        cache_mode = "full"
-    cache_plan = logit_cache.plan(cache_mode, uses_teacher=teacher is not None,
+    cache_plan = logit_cache.plan(cfg.teacher_cache, uses_teacher=teacher is not None,
                                   num_images=int(dataset.train_images.shape[0]), num_classes=C,
                                   device=device, amp=amp, dtype=cfg.teacher_cache_dtype)
-    if graph and cfg.teacher_cache == "auto":
-        cache_plan["requested"] = "auto"
+    if graph and cfg.teacher_cache == "auto" and cache_plan["mode"] == "lazy":
+        # a graph cannot fill a lazy cache (a miss needs the host): fill it up front, once per teacher and
+        # data, shared by every run (see RunConfig.graph; decided from gpu-notes, not measured here)
+        cache_plan.update(mode="full", reason=cache_plan["reason"] + "; graph mode fills it up front")
     cache, cache_record = logit_cache.open_for_run(cache_plan, teacher, teacher_logits, dataset,
                                                    teacher_name=str(cfg.teacher), device=device, amp=amp,
                                                    channels_last=channels_last, progress=opening.bars)

@@ -244,14 +244,22 @@ class GraphedStep:
         generators = [g for g in (generator, view_generator) if g is not None]
         gen_states = [g.get_state() for g in generators]
         sums_count, sums_saved = sums.count, {k: t.clone() for k, t in self._sum_tensors().items()}
+        self.generator, self.view_generator = generator, view_generator
+        # off CUDA (tests only): everything but the capture itself, replay = the same step run eagerly on
+        # the static inputs, so the protocol (warm-up, in-place restore, static inputs) is tested on CPU
+        self.simulated = torch.device(device).type != "cuda"
         step.cache_autocast = False
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        if self.simulated:
             for _ in range(warmup):
                 step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
+        else:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
         # the warm-up was not training: put every weight, statistic and state back, in place
         with torch.no_grad():
             for t, v in zip(tensors, saved):
@@ -261,14 +269,16 @@ class GraphedStep:
         sums.count = sums_count
         for g, s in zip(generators, gen_states):
             g.set_state(s)
-        self.graph = torch.cuda.CUDAGraph()
-        for g in generators:
-            self.graph.register_generator_state(g)
-        with torch.cuda.graph(self.graph, stream=stream):
-            self.loss = step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
-        _LIVE_GRAPHS.append(self.graph)
-        sums.count = sums_count  # the capture ran no arithmetic; replays count (see replay)
-        step.cache_autocast = True
+        self.graph = None
+        if not self.simulated:
+            self.graph = torch.cuda.CUDAGraph()
+            for g in generators:  # each replay then draws new numbers from them (offsets advance)
+                self.graph.register_generator_state(g)
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.loss = step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
+            _LIVE_GRAPHS.append(self.graph)
+            sums.count = sums_count  # the capture ran no arithmetic; replays count (see replay)
+        step.cache_autocast = not self.simulated
 
     def _sum_tensors(self) -> Dict[str, Tensor]:
         return {"@loss": self.sums.loss, "@correct": self.sums.correct, "@first_bad": self.sums.first_bad,
@@ -280,6 +290,9 @@ class GraphedStep:
         self.step_number.fill_(step_number)
         if isinstance(self.ctx.progress, Tensor):
             self.ctx.progress.fill_(progress)
+        if self.simulated:
+            self.step(self.indices, self.generator, self.ctx, self.sums, self.view_generator, step=self.step_number)
+            return
         self.graph.replay()
         self.sums.count += self.batch_size
         counter = getattr(self.step.teacher_logits, "count_lookups", None)
