@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-run", dest="paper_run", action="store_true",
                         help="train the engine (teacher + KD student, evaluation included) for a few epochs on "
                              "CIFAR-sized synthetic data and project a 240-epoch paper run")
+    parser.add_argument("--teacher-cache", dest="teacher_cache", default="auto", choices=("auto", "off", "lazy", "full"),
+                        help="--paper-run: the student run's teacher_cache (auto: a full fill up front on CUDA; "
+                             "off: the live teacher inside the graph, no fill)")
 
 
 def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -129,7 +132,8 @@ def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kdlib-paper-run-") as root:
         cfg = make_config("paper", method="kd", dataset="synthetic", epochs=epochs, teacher_epochs=teacher_epochs,
                           device=str(device), teachers_dir=str(Path(root) / "teachers"),
-                          out=str(Path(root) / "student"), seed=args.seed, **size)
+                          out=str(Path(root) / "student"), seed=args.seed,
+                          teacher_cache=getattr(args, "teacher_cache", "auto"), **size)
         t0 = time.perf_counter()
         student = engine.train(cfg, progress=False, verbose=not args.json)
         wall = time.perf_counter() - t0

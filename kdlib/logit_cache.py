@@ -384,7 +384,7 @@ class TeacherLogitCache:
     def capturable(self) -> bool:
         """Whether a lookup may run inside a captured CUDA graph: only when every view is filled and the
         table lives on the device (a lookup is then one gather; a miss would need the host)."""
-        return bool(self._complete) and self._store is not None and self._store.device == self.device
+        return bool(self._complete) and self._store is not None and self._store.device.type == self.device.type
 
     def count_lookups(self, n: int) -> None:
         """Count ``n`` lookups made by replays of a captured graph (the graph runs no Python)."""

@@ -278,7 +278,7 @@ class GraphedStep:
                 self.loss = step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
             _LIVE_GRAPHS.append(self.graph)
             sums.count = sums_count  # the capture ran no arithmetic; replays count (see replay)
-        step.cache_autocast = not self.simulated
+        step.cache_autocast = True  # eager steps (the last partial batch) may use the autocast cache
 
     def _sum_tensors(self) -> Dict[str, Tensor]:
         return {"@loss": self.sums.loss, "@correct": self.sums.correct, "@first_bad": self.sums.first_bad,
