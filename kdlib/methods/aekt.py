@@ -135,7 +135,9 @@ class AEKT(Method):
                             self.r_min, self.r_max)
         with torch.no_grad():
             if self.r_values.numel():
-                at = self.r_count + torch.arange(r.shape[0], device=r.device)
+                # modulo: callers that run more samples than the training set between end_epoch calls
+                # (benchmarks) keep the latest ones; an epoch of the engine never wraps
+                at = (self.r_count + torch.arange(r.shape[0], device=r.device)) % self.r_values.numel()
                 self.r_values.index_copy_(0, at, r.detach().float())
                 self.r_count += r.shape[0]
             else:
@@ -150,7 +152,7 @@ class AEKT(Method):
 
     def end_epoch(self, epoch):
         if self.r_values.numel():
-            n = int(self.r_count)
+            n = min(int(self.r_count), self.r_values.numel())
             r = self.r_values[:n].clone()
             self.r_count.zero_()
         elif self._r_epoch:
