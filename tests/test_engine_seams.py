@@ -3,7 +3,6 @@ CPU plumbing; the captured step itself is tested on a GPU (tests/test_gpu.py).""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -23,8 +23,7 @@ The same function runs eagerly (CPU, or ``graph=false``) and is captured once pe
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
