@@ -133,7 +133,7 @@ def test_graph_protocol_simulated_on_cpu_matches_eager(method, tiny_config, tmp_
     float32-vs-float64 rounding of the learning rate (fused SGD's tensor) allows (rtol 1e-4)."""
     from kdlib.engine import run as engine_run
 
-    cfg = dict(method=method, epochs=2, milestones=[1])
+    cfg = dict(method=method, epochs=2, milestones=[1], teacher_cache="off")  # graph mode would fill it: slow on CPU
     eager = engine.train(tiny_config(**cfg, out=str(tmp_path / "eager")), progress=False, verbose=False)
     monkeypatch.setattr(engine_run, "resolve_graph", lambda graph, device: True)
     graphed = engine.train(tiny_config(**cfg, out=str(tmp_path / "graphed")), progress=False, verbose=False)
