@@ -8,11 +8,17 @@ step (KD loss, SGD step):
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (``torchvision.transforms``), a shuffling
   ``DataLoader`` with worker processes, float32, NCHW, the live teacher under ``no_grad``, and a
   ``loss.item()`` per step for the meters;
-* **kdlib**: the engine's own step (:func:`kdlib.engine.make_batch` + :func:`kdlib.engine.train_step`,
+* **kdlib**: the engine's own step (:class:`kdlib.engine.TrainingStep`, the function every run uses,
   with its per-epoch sums), the dataset resident on the device as uint8, channels-last, teacher logits
   from a warm :class:`kdlib.logit_cache.TeacherLogitCache`; float32 unless ``--amp bf16``;
 * **kdlib, live teacher**: the same without the cache (where the speed-up comes from);
-* **kdlib, cold cache**: the first pass over batches no entry of which is cached (lazy fill's cost).
+* **kdlib, cold cache**: the first pass over batches no entry of which is cached (lazy fill's cost);
+* **kdlib, CUDA graph** (CUDA only): the engine's captured step (:class:`kdlib.engine.GraphedStep`, what
+  ``graph=auto`` runs on CUDA) over the warm cache (the live teacher inside the graph if incomplete).
+
+``--paper-run`` instead trains the engine itself (:func:`kdlib.engine.train`, teacher and KD student,
+per-epoch evaluation included) for a few epochs on CIFAR-sized synthetic data (50k / 10k images, the
+paper profile's networks, batch and recipe) and projects a 240-epoch run from the measured epochs.
 
 Warm-up steps are excluded; each figure is the median of ``--repeats`` timed passes of ``--steps``
 steps, the variants interleaved so that a change of load hits all of them. "Warm" means every view the
@@ -92,6 +98,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-methods", dest="methods", action="store_false",
                         help="skip the per-method loss overhead")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and batches (0)")
+    parser.add_argument("--paper-run", dest="paper_run", action="store_true",
+                        help="train the engine (teacher + KD student, evaluation included) for a few epochs on "
+                             "CIFAR-sized synthetic data and project a 240-epoch paper run")
+    parser.add_argument("--teacher-cache", dest="teacher_cache", default="auto", choices=("auto", "off", "lazy", "full"),
+                        help="--paper-run: the student run's teacher_cache (auto: a full fill up front on CUDA; "
+                             "off: the live teacher inside the graph, no fill)")
+
+
+def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train the engine for a few epochs at paper size on synthetic data; project 240-epoch runs.
+
+    Teacher (vanilla, ``teacher_epochs`` measured epochs) and KD student (``epochs``) through
+    :func:`kdlib.engine.train` with the paper profile's recipe, ``graph=auto`` (on for CUDA), per-epoch
+    evaluation included. The first epoch of each (capture, cuDNN autotuning, allocator) is reported
+    apart; the projection is ``first + 239 x median(later epochs)`` plus the teacher-logit cache fill the
+    student run made (a one-time cost per teacher and data, reported separately too). ``--quick``: a tiny
+    version (resnet8 -> resnet8, 10 images per class) that checks the plumbing, not the speed.
+    """
+    import json as _json
+    from pathlib import Path
+
+    from kdlib import engine, teachers
+    from kdlib.config import make_config
+
+    device = engine.resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    epochs, teacher_epochs = (2, 2) if args.quick else (3, 2)
+    size = (dict(train_per_class=10, test_per_class=2, teacher="resnet8", student="resnet8") if args.quick
+            else dict(train_per_class=500, test_per_class=100))  # CIFAR-100's 50k / 10k
+    pair = (size.get("teacher", "resnet32x4"), size.get("student", "resnet8x4"))
+    with tempfile.TemporaryDirectory(prefix="kdlib-paper-run-") as root:
+        cfg = make_config("paper", method="kd", dataset="synthetic", epochs=epochs, teacher_epochs=teacher_epochs,
+                          device=str(device), teachers_dir=str(Path(root) / "teachers"),
+                          out=str(Path(root) / "student"), seed=args.seed,
+                          teacher_cache=getattr(args, "teacher_cache", "auto"), **size)
+        t0 = time.perf_counter()
+        student = engine.train(cfg, progress=False, verbose=not args.json)
+        wall = time.perf_counter() - t0
+        teacher_dir = teachers.teacher_path(cfg).with_suffix("")
+        teacher = _json.loads((teacher_dir / engine.METRICS).read_text())
+
+    def project(history, total: int = 240) -> Dict[str, Any]:
+        secs = [row["epoch_seconds"] for row in history]
+        later = secs[1:] or secs
+        steady = statistics.median(later)
+        return {"measured_epoch_seconds": secs, "steady_epoch_seconds": steady,
+                "projected_seconds": secs[0] + (total - 1) * steady,
+                "steady_img_s": statistics.median([r["images_per_second"] for r in history[1:] or history])}
+
+    cache = student["config"].get("teacher_cache") or {}
+    fill = (cache.get("fill") or {}).get("seconds")
+    result = {
+        "mode": "paper-run", "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "pair": f"{pair[0]}:{pair[1]}", "dataset": student["config"]["dataset"]["description"],
+        "graph": student["segments"][-1].get("graph"), "amp": student["segments"][-1].get("amp"),
+        "teacher_cache": {k: cache.get(k) for k in ("requested", "mode", "dtype", "reason", "graph") if k in cache},
+        "cache_fill_seconds": fill, "teacher": project(teacher["history"]), "student": project(student["history"]),
+        "wall_seconds_measured": wall, "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+        "note": "projection of 240 epochs from the measured epochs (first epoch + 239 x median of the others); "
+                + ("--quick: tiny data, checks the plumbing, not a paper-size projection" if args.quick else
+                   "synthetic data of CIFAR-100's size") + "; evaluation every epoch included",
+    }
+    result["student_projected_minutes"] = result["student"]["projected_seconds"] / 60
+    result["teacher_projected_minutes"] = result["teacher"]["projected_seconds"] / 60
+    return result
+
+
+def _paper_table(r: Dict[str, Any]) -> str:
+    lines = [f"kdlib bench --paper-run: {r['pair'].replace(':', ' -> ')} on {r['device']} ({r['device_name']}), "
+             f"graph {r['graph']}, amp {r['amp']}, torch {r['torch']}, {r['date']}", f"data: {r['dataset']}"]
+    for role in ("teacher", "student"):
+        p = r[role]
+        lines.append(f"{role:8s} epochs {', '.join(f'{x:.1f}' for x in p['measured_epoch_seconds'])} s; steady "
+                     f"{p['steady_img_s']:.0f} img/s; 240 epochs projected: {p['projected_seconds'] / 60:.1f} min")
+    if r.get("cache_fill_seconds") is not None:
+        lines.append(f"teacher-logit cache fill (once per teacher and data): {r['cache_fill_seconds']:.0f} s")
+    lines.append(r["note"])
+    return "\n".join(lines)
 
 
 def _positive(text: str) -> int:
@@ -193,10 +280,14 @@ class _Reference:
 
 # -- (b) the fast path: the engine's own step --------------------------------------------------------
 class _Fast:
-    """The engine's step over a device-resident uint8 dataset; batches from the engine's generators."""
+    """The engine's own step (:class:`kdlib.engine.TrainingStep`) over a device-resident uint8 dataset,
+    batches from the engine's generators; with ``graph`` the engine's captured step
+    (:class:`kdlib.engine.GraphedStep`): the first step eager (it creates the momentum buffers), then
+    one capture, then replays, as :func:`kdlib.engine.train` does."""
 
     def __init__(self, dataset, student: nn.Module, teacher_logits, device: torch.device, batch_size: int,
-                 seed: int, amp: str, channels_last: bool, compile: bool, lr: float):
+                 seed: int, amp: str, channels_last: bool, compile: bool, lr: float, graph: bool = False,
+                 teacher: Optional[nn.Module] = None):
         from kdlib import engine, methods
 
         self.engine = engine
@@ -204,11 +295,27 @@ class _Fast:
         self.device, self.bs, self.seed, self.amp, self.channels_last = device, batch_size, seed, amp, channels_last
         self.student = student
         self.method = methods.build("kd").to(device)
-        self.forward = engine.compile_student(student, device, compile)
-        self.optimizer = torch.optim.SGD(list(student.parameters()) + list(self.method.parameters()), lr=lr,
-                                         momentum=0.9, weight_decay=5e-4, nesterov=False)
+        self.forward = engine.compile_student(student, device, compile and not graph)
+        params = list(student.parameters()) + list(self.method.parameters())
+        if graph:  # as the engine builds it in graph mode: fused SGD, the rate a float32 device tensor
+            self.optimizer = torch.optim.SGD(params, lr=torch.tensor(lr, device=device), momentum=0.9,
+                                             weight_decay=5e-4, nesterov=False, fused=True)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=False)
         self.teacher_logits = teacher_logits
+        self.step = engine.TrainingStep(images_u8=self.images, labels=self.labels, forward=self.forward,
+                                        method=self.method, optimizer=self.optimizer, teacher_logits=teacher_logits,
+                                        teacher=teacher, device=device, amp=amp, channels_last=channels_last)
         self.N = int(self.images.shape[0])
+        self.graph = graph
+        self.graphed = None
+        if graph:
+            from kdlib.methods.base import StepContext
+
+            self.aug = torch.Generator(device=device)
+            self.sums = engine.EpochSums(device)
+            self.ctx = StepContext(epoch=1, step=0, steps_per_epoch=max(1, self.N // batch_size), epochs=1,
+                                   progress=torch.zeros((), device=device))
 
     def epoch(self, epoch: int, steps: int) -> None:
         """``steps`` steps of the engine's epoch ``epoch`` (same permutation and views for the same epoch)."""
@@ -216,16 +323,25 @@ class _Fast:
 
         engine = self.engine
         perm = torch.randperm(self.N, generator=engine.epoch_generator(self.seed, epoch, 1)).to(self.device)
-        aug = engine.epoch_generator(self.seed, epoch, 2, device=self.device)
-        sums = engine.EpochSums(self.device)
-        per_epoch = max(1, math.ceil(self.N / self.bs))
+        per_epoch = max(1, self.N // self.bs)  # whole batches only: one captured shape
+        if self.graph:
+            self.aug.manual_seed(engine.epoch_generator(self.seed, epoch, 2).initial_seed())
+            self.sums.reset()
+            sums, aug = self.sums, self.aug
+        else:
+            aug = engine.epoch_generator(self.seed, epoch, 2, device=self.device)
+            sums = engine.EpochSums(self.device)
         for step in range(steps):
             s = step % per_epoch
             idx = perm[s * self.bs:(s + 1) * self.bs]
-            x, y, views = engine.make_batch(self.images, self.labels, idx, aug, self.channels_last)
-            engine.train_step(self.forward, self.method, self.optimizer, x, y, views, self.teacher_logits,
-                              StepContext(epoch=epoch, step=step, steps_per_epoch=per_epoch, epochs=max(epoch, 1),
-                                          indices=idx), device=self.device, amp=self.amp, sums=sums)
+            progress = (epoch - 1) + (s + 1) / per_epoch
+            if self.graph and self.optimizer.state:
+                if self.graphed is None:
+                    self.graphed = engine.GraphedStep(self.step, sums, self.bs, aug, None, self.ctx, first_indices=idx)
+                self.graphed.replay(idx, s, progress)
+                continue
+            self.step(idx, aug, StepContext(epoch=epoch, step=s, steps_per_epoch=per_epoch, epochs=max(epoch, 1),
+                                            indices=idx, progress=progress), sums)
         sums.read()  # the engine reads its sums once per epoch (a host synchronisation)
 
 
@@ -394,13 +510,24 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             warm_fill = None
             if warm_mode == "fill":
                 warm_fill = cache.fill()
+            graphed = None
+            if device.type == "cuda" and not args.compile:
+                # the engine's captured step (graph=auto on CUDA) over the same warm cache, in the same run
+                graphed = _Fast(fast_data, copy.deepcopy(student0).to(device=device, memory_format=fmt).train(),
+                                cache if cache.capturable else live, device, bs, args.seed, amp, args.channels_last,
+                                False, lr, graph=True, teacher=fast_teacher)
+                graphed.epoch(1000, warmup)  # first step eager, capture, replays (untimed)
             times: Dict[str, List[float]] = {"reference": [], "live": [], "cache": []}
+            if graphed is not None:
+                times["graphed"] = []
             computed_before_warm = cache.computed
             lookups_before_warm = cache.lookups
             for _ in range(repeats):
                 times["reference"].append(_timed(device, lambda: ref.steps(steps)))
                 times["live"].append(_timed(device, lambda: fast_live.epoch(timed_epoch, steps)))
                 times["cache"].append(_timed(device, lambda: fast_cache.epoch(timed_epoch, steps)))
+                if graphed is not None:
+                    times["graphed"].append(_timed(device, lambda: graphed.epoch(timed_epoch, steps)))
             warm_misses = cache.computed - computed_before_warm
             warm_lookups = cache.lookups - lookups_before_warm
             cache_complete = cache.complete
@@ -477,6 +604,11 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if warm_fill is not None:
         result["cache_warm_fill"] = warm_fill
+    if times.get("graphed"):
+        graphed_img_s = img / statistics.median(times["graphed"])
+        result.update({"kdlib_graphed_img_s": graphed_img_s, "speedup_graphed": graphed_img_s / ref_img_s,
+                       "graphed_vs_eager": graphed_img_s / cache_img_s,
+                       "graphed_teacher": "cache" if graphed.teacher_logits is cache else "live"})
     if amp_note:
         result["note"] = amp_note
     try:
@@ -504,6 +636,8 @@ def _table(r: Dict[str, Any]) -> str:
         f"{'kdlib engine step, cold cache (lazy fill, first pass)':58s} {r['kdlib_cache_cold_img_s']:9.1f} "
         f"{r['kdlib_cache_cold_img_s'] / r['reference_img_s']:12.2f}x",
         f"{'kdlib engine step, warm teacher-logit cache':58s} {r['kdlib_img_s']:9.1f} {r['speedup']:12.2f}x",
+        (f"{'kdlib engine step, CUDA graph (' + r['graphed_teacher'] + ' teacher)':58s} "
+         f"{r['kdlib_graphed_img_s']:9.1f} {r['speedup_graphed']:12.2f}x" if "kdlib_graphed_img_s" in r else None),
         "",
         f"kdlib: amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}, cache {r['cache_dtype']} "
         f"({r['cache_warmup']}, {100 * r['cache_hits_during_timing']:.0f}% hits while timed)",
@@ -524,9 +658,9 @@ def _table(r: Dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = measure(args)
+    result = paper_run(args) if args.paper_run else measure(args)
     if args.json:
         print(json.dumps(result, sort_keys=True, default=str), flush=True)
     else:
-        print(_table(result), flush=True)
+        print((_paper_table if args.paper_run else _table)(result), flush=True)
     return 0

@@ -42,7 +42,9 @@ PAPER_MILESTONES = (150, 180, 210)
 
 #: fields that decide how fast a run goes, not its numbers: a run may be resumed with other values
 EXECUTION_FIELDS = ("out", "device", "amp", "channels_last", "eval_batch_size", "compile", "teachers_dir",
-                    "data_root", "teacher_cache", "teacher_cache_dtype")
+                    "data_root", "teacher_cache", "teacher_cache_dtype", "graph")
+#: ``graph``: capture the training step as one CUDA graph; auto = on for CUDA, off elsewhere
+GRAPH_MODES = ("auto", True, False)
 #: ``teacher_cache``: exact teacher-logit cache (kdlib.logit_cache); auto = lazy when a teacher is used and it fits
 TEACHER_CACHE_MODES = ("auto", "off", "lazy", "full")
 TEACHER_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -84,7 +86,12 @@ class RunConfig:
     # -- execution
     out: Optional[str] = None
     device: str = "auto"  # auto: cuda when available, else cpu
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; losses are always float32
+    # amp, auto: bf16 autocast for a CUDA-graphed step, none (fp32) for an eager step and on CPU; losses
+    # are always float32. Why (kdlib.precision.resolve_amp): at batch 64 the eager step is launch-bound
+    # and the casts add launches, so on one H200 eager bf16 was slower than eager fp32, and graphed bf16
+    # faster than graphed fp32 (shared/gpu-notes.md section 2, measured by a colleague at commit 3af8530;
+    # the issue-12 change that made this the default had no GPU and did not re-measure it).
+    amp: str = "auto"
     channels_last: bool = True
     eval_batch_size: int = 256
     compile: bool = False  # torch.compile the student (GPU only; slower than eager on CPU)
@@ -93,6 +100,14 @@ class RunConfig:
     # (fill as batches need views); full (every view before the first epoch)
     teacher_cache: str = "auto"
     teacher_cache_dtype: str = "auto"  # auto: float32 (exact), bfloat16 under bf16 autocast (lossless); float16
+    # capture the whole training step once as a CUDA graph and replay it (kdlib.engine.step.GraphedStep):
+    # "auto" = on for CUDA, off on CPU; false = eager steps; true on a machine without CUDA is an error.
+    # With graph on, teacher_cache=auto fills the cache up front (full) when it fits, because a graph
+    # cannot fill a lazy cache (a miss needs the host); an incomplete cache falls back to the live teacher
+    # inside the graph. Chosen from shared/gpu-notes.md (a full bf16 fill of 50k x 162 views ~100 s,
+    # once per teacher and data, shared by every run; the teacher's graphed forward ~1 ms per batch of
+    # 64, ~3 min over a 240-epoch run), not measured by the issue-12 change (it had no GPU).
+    graph: Any = "auto"
 
     # -- conversions ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -184,7 +199,7 @@ class RunConfig:
             teacher_checkpoint=None, teacher_epochs=None, teacher_lr=None, teacher_milestones=None,
             teacher_seed=None, teachers_dir=self.teachers_dir, out=None, device=self.device,
             amp=self.amp, channels_last=self.channels_last, eval_batch_size=self.eval_batch_size,
-            compile=self.compile,
+            compile=self.compile, graph=self.graph,
         )
 
     # -- validation ----------------------------------------------------------------------------
@@ -241,6 +256,8 @@ class RunConfig:
         if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
             raise KDLibError(f"teacher_cache_dtype must be one of {', '.join(map(repr, TEACHER_CACHE_DTYPES))}, "
                              f"got {self.teacher_cache_dtype!r}")
+        if self.graph not in GRAPH_MODES or not isinstance(self.graph, (str, bool)):
+            raise KDLibError(f"graph must be auto, true or false, got {self.graph!r}")
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise KDLibError(f"{name} must be true or false, got {getattr(self, name)!r}")

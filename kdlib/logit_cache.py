@@ -8,7 +8,7 @@ teacher is frozen in eval mode. The teacher's logits for (image index, top, left
 pure function, and a table of them replaces the teacher's forward pass in every step of every method,
 seed and student distilled from that teacher.
 
-:class:`TeacherLogitCache` has the call signature of :class:`kdlib.engine.LiveTeacher`
+:class:`TeacherLogitCache` has the call signature of :class:`kdlib.teacher_logits.LiveTeacher`
 (``cache(images, views) -> float32 logits (B, C)``), so the engine swaps it in. ``images`` is the
 normalised batch the live teacher would have seen; the cache uses it only for views it does not hold yet.
 
@@ -260,7 +260,7 @@ class TeacherLogitCache:
 
     ``teacher`` is the frozen teacher (its weights are hashed for the key); ``train_images`` the uint8
     training images on the training device (``fill`` augments them); ``live`` computes logits of a
-    normalised batch (default: ``kdlib.engine.LiveTeacher(teacher, device, amp)``). ``channels_last`` is
+    normalised batch (default: ``kdlib.teacher_logits.LiveTeacher(teacher, device, amp)``). ``channels_last`` is
     the memory format of the batches :meth:`fill` builds (the engine's setting, so that the teacher sees
     the same tensors it sees in training).
     """
@@ -276,7 +276,7 @@ class TeacherLogitCache:
         self.device = torch.device(device) if device is not None else train_images.device
         self.teacher, self.train_images = teacher, train_images
         if live is None:
-            from kdlib.engine import LiveTeacher
+            from kdlib.teacher_logits import LiveTeacher
 
             live = LiveTeacher(teacher, self.device, amp)
         self.live = live
@@ -379,6 +379,16 @@ class TeacherLogitCache:
             if self._pending and time.monotonic() - self._last_commit >= self.commit_interval:
                 self.commit()
         return self._gather(flat).float()
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a lookup may run inside a captured CUDA graph: only when every view is filled and the
+        table lives on the device (a lookup is then one gather; a miss would need the host)."""
+        return bool(self._complete) and self._store is not None and self._store.device.type == self.device.type
+
+    def count_lookups(self, n: int) -> None:
+        """Count ``n`` lookups made by replays of a captured graph (the graph runs no Python)."""
+        self.lookups += int(n)
 
     def _gather(self, flat: Tensor) -> Tensor:
         if self._store is not None:

@@ -105,10 +105,17 @@ class AEKT(Method):
                              "engine does not pass to methods (logits only); use 'serial' or 'none'")
         c = check_int("num_classes", hp["num_classes"], 2)
         self.serial = SerialLayer(c) if self.separate == "serial" else None
-        self._r_epoch = []  # detached r of this epoch's batches (for end_epoch's summary)
+        # r of this epoch's samples in the order they were seen, for end_epoch's summary: a buffer sized in
+        # setup and a device counter, written in place (a captured CUDA graph keeps writing to them; a
+        # Python list would be appended to once, at capture). Not part of checkpoints: epoch-local.
+        self.register_buffer("r_values", torch.zeros(0), persistent=False)
+        self.register_buffer("r_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._r_epoch = []  # without setup (no buffer): detached r of this epoch's batches
         self._r_last = None
 
     def setup(self, ctx):
+        self.r_values = torch.zeros(int(ctx.train_images.shape[0]), device=ctx.device)  # before any capture
+        self.r_count = torch.zeros((), dtype=torch.int64, device=ctx.device)
         if self.serial is not None and self.serial.in_features != ctx.num_classes:
             self.serial = SerialLayer(ctx.num_classes).to(self.serial.delta.weight.device)
             return {"serial_layer_classes": ctx.num_classes}
@@ -126,7 +133,15 @@ class AEKT(Method):
         parts = dkd_parts(z_kd, teacher_logits, targets, self.temperature)
         r = adaptive_weight(z_kd, teacher_logits, targets, self.temperature, self.weight_mode,
                             self.r_min, self.r_max)
-        self._r_epoch.append(r.detach())
+        with torch.no_grad():
+            if self.r_values.numel():
+                # modulo: callers that run more samples than the training set between end_epoch calls
+                # (benchmarks) keep the latest ones; an epoch of the engine never wraps
+                at = (self.r_count + torch.arange(r.shape[0], device=r.device)) % self.r_values.numel()
+                self.r_values.index_copy_(0, at, r.detach().float())
+                self.r_count += r.shape[0]
+            else:
+                self._r_epoch.append(r.detach())
         scale = warmup_factor(batch, self.warmup) * self.temperature**2
         zero = z_kd.new_zeros(())
         return {
@@ -136,10 +151,18 @@ class AEKT(Method):
         }
 
     def end_epoch(self, epoch):
-        if not self._r_epoch:
+        if self.r_values.numel():
+            n = min(int(self.r_count), self.r_values.numel())
+            r = self.r_values[:n].clone()
+            self.r_count.zero_()
+        elif self._r_epoch:
+            r = torch.cat(self._r_epoch).float()
+            self._r_epoch = []
+        else:
             return {}
-        r = torch.cat(self._r_epoch).float()
-        self._r_epoch, self._r_last = [], r.cpu()
+        if r.numel() == 0:
+            return {}
+        self._r_last = r.cpu()
         q = torch.quantile(r, torch.tensor([0.1, 0.5, 0.9], device=r.device)).tolist()
         return {"r_mean": float(r.mean()), "r_q10": q[0], "r_q50": q[1], "r_q90": q[2],
                 "r_at_max": float((r >= self.r_max).float().mean())}

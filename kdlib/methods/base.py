@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,17 @@ class StepContext:
     steps_per_epoch: int
     epochs: int
     indices: Optional[Tensor] = None  # dataset indices of the batch's samples (int64, on the device)
+    #: training progress in epochs including this step, ``(epoch - 1) + (step + 1) / steps_per_epoch``
+    #: (the last step of epoch e gives e): a float eagerly, a 0-dim float32 device tensor updated in place
+    #: before every replay in CUDA-graph mode. Anything that varies during a run is computed from it (or
+    #: from buffers), never from ``epoch``/``step``, which a captured graph freezes.
+    progress: Union[float, Tensor, None] = None
+    #: extra views the method declared (``Method.extra_views``): name -> (student logits, teacher logits)
+    views: Dict[str, Tuple[Tensor, Optional[Tensor]]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.progress is None:  # callers that predate the field: the progress of this step
+            self.progress = (self.epoch - 1) + (self.step + 1) / max(self.steps_per_epoch, 1)
 
     @property
     def global_step(self) -> int:
@@ -66,6 +77,13 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: the hyperparameters and their defaults, in the order the book's tables show them
     defaults: ClassVar[Dict[str, Any]] = {}
+    #: extra augmented views (seam S3): name -> ``fn(images_u8 (B,3,32,32) uint8 un-augmented,
+    #: generator) -> uint8 (B,3,32,32)``. The engine runs the student and the live teacher on each and
+    #: passes ``batch.views[name] = (student_logits, teacher_logits)``.
+    extra_views: ClassVar[Dict[str, Callable]] = {}
+    #: False when ``forward`` cannot be captured in a CUDA graph (it reads a tensor on the host, or its
+    #: shapes depend on data); the engine then runs this method's steps eagerly and says so in the log
+    graph_safe: ClassVar[bool] = True
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__()
@@ -106,6 +124,10 @@ class Method(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor,
                 batch: StepContext) -> Dict[str, Tensor]:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before an epoch's first step, outside any graph. State that changes here must be
+        updated in place (``fill_``, ``copy_``), never rebound, so that a captured graph sees it."""
 
     def end_epoch(self, epoch: int) -> Dict[str, Any]:
         """Called after each training epoch; the result goes into that epoch's history row."""

@@ -125,7 +125,11 @@ class DLKD(Method):
         d = prediction_difficulty(teacher_logits, pruned_logits, self.tau_d).float()
         temps, facts = difficulty_to_temperature(d, self.mode, self.quantile, direction=self.direction,
                                                  **self.temps)
-        self.difficulty, self.temperature = d.to(ctx.device), temps.to(ctx.device)
+        if self.difficulty.shape == d.shape:  # in place when sized already (seam S2: no rebinding)
+            self.difficulty.copy_(d)
+            self.temperature.copy_(temps)
+        else:
+            self.difficulty, self.temperature = d.to(ctx.device), temps.to(ctx.device)
         return {"difficulty_mean": float(d.mean()), "difficulty_max": float(d.max()),
                 "temperature_mean": float(temps.mean()), **facts}
 
