@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,8 @@ class StepContext:
     steps_per_epoch: int
     epochs: int
     indices: Optional[Tensor] = None  # dataset indices of the batch's samples (int64, on the device)
+    #: per extra view of ``Method.extra_views``: (student logits with grad, live-teacher logits or None)
+    views: Dict[str, Tuple[Tensor, Optional[Tensor]]] = field(default_factory=dict)
 
     @property
     def global_step(self) -> int:
@@ -65,6 +67,9 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: the hyperparameters and their defaults, in the order the book's tables show them
     defaults: ClassVar[Dict[str, Any]] = {}
+    #: extra augmented views the engine makes from each batch's raw uint8 images (MLKD's "strong" view):
+    #: name -> fn(images_u8 (B, 3, H, W), generator) -> uint8 (B, 3, H, W); see StepContext.views
+    extra_views: ClassVar[Dict[str, Callable]] = {}
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__()
@@ -77,6 +82,12 @@ class Method(nn.Module):
         self.hparams: Dict[str, Any] = {**self.defaults, **hyperparameters}
 
     # -- hooks the engine calls ---------------------------------------------------------------
+    @classmethod
+    def recipe(cls, teacher: Optional[str], student: str) -> Dict[str, Any]:
+        """Recipe fields (``RunConfig`` names, e.g. ``lr``) where the method's authors ran another recipe
+        than the shared one; applied by ``RunConfig.resolved`` to fields the user left unset (None)."""
+        return {}
+
     @classmethod
     def pair_defaults(cls, teacher: str, student: str) -> Dict[str, Any]:
         """Per teacher/student pair defaults (DKD's beta), applied unless the user sets the value.
@@ -105,6 +116,10 @@ class Method(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor,
                 batch: StepContext) -> Dict[str, Tensor]:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before an epoch's first step, outside any graph (CTKD's reversal schedule). State that
+        changes here must be updated in place (``fill_``/``copy_``) so that a captured graph sees it."""
 
     def end_epoch(self, epoch: int) -> Dict[str, Any]:
         """Called after each training epoch; the result goes into that epoch's history row."""
@@ -144,6 +159,12 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if not ok or value < minimum:
         raise KDLibError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise KDLibError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value: Any, choices) -> Any:
