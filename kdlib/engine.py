@@ -193,6 +193,35 @@ def make_batch(images_u8: Tensor, labels: Tensor, indices: Tensor, generator: to
     return x, labels.index_select(0, indices), Views(indices, offsets, flips)
 
 
+# -- extra views (seam S3, MLKD's strong view): isolated here, the engine only reads method.extra_views --
+_STREAM_VIEWS = 3
+
+
+def check_extra_views(method: nn.Module, teacher: Optional[nn.Module], images: Optional[Tensor]) -> None:
+    """Refuse, before training, a method with extra views that this run cannot make: views need the raw
+    uint8 training images, and a method that uses a teacher needs the live teacher network on them."""
+    names = list(getattr(method, "extra_views", {}) or {})
+    if not names:
+        return
+    label = getattr(method, "name", type(method).__name__)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise KDLibError(f"method {label!r} needs a second view ({', '.join(names)}) made from the raw "
+                         f"uint8 training images, which this dataset does not provide")
+    if getattr(method, "uses_teacher", True) and teacher is None:
+        raise KDLibError(f"method {label!r} needs the live teacher network for its {', '.join(names)} view "
+                         f"(teacher logits alone cannot give a second view)")
+
+
+def make_extra_views(method: nn.Module, images_u8: Tensor, indices: Tensor, generator: torch.Generator,
+                     channels_last: bool = False) -> Dict[str, Tensor]:
+    """The method's extra views of the batch ``indices``, normalised (name -> float32 batch)."""
+    from kdlib.data import normalize
+
+    raw = images_u8.index_select(0, indices)
+    return {name: normalize(fn(raw, generator), channels_last)
+            for name, fn in (getattr(method, "extra_views", {}) or {}).items()}
+
+
 class EpochSums:
     """Loss, loss terms, correct predictions and the first non-finite step, summed on the device.
 
@@ -233,12 +262,20 @@ class EpochSums:
 
 def train_step(forward: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                views: Optional[Views], teacher_logits: Optional[Callable[[Tensor, Views], Tensor]], ctx, *,
-               device: torch.device, amp: str = "none", sums: Optional[EpochSums] = None) -> Tensor:
-    """One SGD step: student forward (autocast if ``amp``), float32 logits to the method, sum of its terms."""
+               device: torch.device, amp: str = "none", sums: Optional[EpochSums] = None,
+               extra_views: Optional[Dict[str, Tensor]] = None, view_teacher=None) -> Tensor:
+    """One SGD step: student forward (autocast if ``amp``), float32 logits to the method, sum of its terms.
+
+    ``extra_views`` (name -> normalised batch) are the method's extra views (``Method.extra_views``); the
+    student and ``view_teacher`` (the live teacher) run on each, passed as ``ctx.views[name]``."""
     with autocast(device, amp):
         s_logits = forward(x)
     s_logits = s_logits.float()
     t_logits = teacher_logits(x, views) if teacher_logits is not None else None
+    for name, xv in (extra_views or {}).items():  # seam S3: student (with grad) and live teacher per view
+        with autocast(device, amp):
+            sv = forward(xv)
+        ctx.views[name] = (sv.float(), view_teacher(xv) if view_teacher is not None else None)
     terms = method(s_logits, t_logits, y, ctx)
     if not terms:
         raise KDLibError(f"method {getattr(method, 'name', type(method).__name__)!r} returned no loss terms")
@@ -637,6 +674,8 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
         seed_everything(cfg.seed)
         student = models.create(cfg.student, num_classes=C).to(device=device, memory_format=memory_format)
         method = methods.build(cfg.method, **cfg.method_params).to(device)
+        check_extra_views(method, teacher, dataset.train_images)
+        view_teacher = LiveTeacher(teacher, device, amp) if method.extra_views and teacher is not None else None
         eval_bs = cfg.eval_batch_size
 
         def predict_fn(model: nn.Module, images_u8: Tensor) -> Tensor:
@@ -688,7 +727,8 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                 "seed": cfg.seed,
                 "method": {"name": cfg.method, "hparams": _jsonable(cfg.method_params),
                            "defaults": _jsonable(dict(method_cls.defaults)),
-                           "uses_teacher": bool(method_cls.uses_teacher), "setup": _jsonable(setup_facts)},
+                           "uses_teacher": bool(method_cls.uses_teacher), "setup": _jsonable(setup_facts),
+                           "recipe": _jsonable(cfg.method_recipe())},
                 "dataset": _dataset_info(dataset),
                 "teacher": teacher_info,
                 "teacher_cache": cache_record,
@@ -724,14 +764,19 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
                     teacher.eval()
                 perm = torch.randperm(N, generator=epoch_generator(cfg.seed, epoch, _STREAM_SHUFFLE)).to(device)
                 aug = epoch_generator(cfg.seed, epoch, _STREAM_AUGMENT, device=device)
+                view_gen = epoch_generator(cfg.seed, epoch, _STREAM_VIEWS, device=device)
+                method.start_epoch(epoch)  # seam S2: before the epoch's first step
                 sums = EpochSums(device)
                 batch_bar = _bar(bars, total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
                 for step in range(steps):
                     idx = perm[step * bs:(step + 1) * bs]
                     x, y, views = make_batch(dataset.train_images, dataset.train_labels, idx, aug, channels_last)
+                    extra = (make_extra_views(method, dataset.train_images, idx, view_gen, channels_last)
+                             if method.extra_views else None)
                     train_step(forward_student, method, optimizer, x, y, views, teacher_logits,
                                StepContext(epoch=epoch, step=step, steps_per_epoch=steps, epochs=cfg.epochs,
-                                           indices=idx), device=device, amp=amp, sums=sums)
+                                           indices=idx), device=device, amp=amp, sums=sums,
+                               extra_views=extra, view_teacher=view_teacher)
                     if batch_bar is not None:
                         batch_bar.update(1)
                     if stop["signum"] is not None:
