@@ -5,8 +5,8 @@ The facts follow the MLKD authors' data pipeline (the FixMatch-style ``RandAugme
 and ``RandomHorizontalFlip``, two operations are drawn with replacement from 14, each with a magnitude
 drawn uniformly from its range (the ``m = 10`` argument is unused by that code), then a Cutout square of
 side ``U(0, 0.5) * W`` filled with (125, 123, 114). Operations follow PIL's definitions (nearest-neighbour
-affine maps with black fill, ``ImageEnhance`` factors, solarize at ``x >= threshold``); pixel equality
-with PIL is not claimed for the enhancement operations, which go through ``torchvision``'s tensor versions.
+affine maps with black fill, ``ImageEnhance`` factors, solarize at ``x >= threshold``); the enhancement
+operations go through ``torchvision``'s tensor kernels (pixel equality with PIL is not claimed for them).
 
 Every random number comes from the ``torch.Generator`` given, so a run's views are reproducible.
 Input and output: uint8 (B, 3, H, W) on any device; the per-image work runs on the images' device.
@@ -17,7 +17,6 @@ import math
 from typing import Callable, List, Tuple
 
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
@@ -62,31 +61,9 @@ def _affine_coef(name: str, v: Tensor, h: int, w: int) -> Tensor:
     return torch.stack([ca, sa, cx - ca * cx - sa * cy, -sa, ca, cy + sa * cx - ca * cy], 1)
 
 
-def _blend(images: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
-    """``ImageEnhance``: factor * image + (1 - factor) * degenerate (float degenerate), clamped and cast to
-    uint8, in the float32 arithmetic of torchvision's tensor kernels (tested equal), one factor per image."""
-    v = factor.to(device=images.device, dtype=torch.float64).view(-1, 1, 1, 1)
-    out = images.float() * v.float() + degenerate.float() * (1.0 - v).float()
-    return out.clamp_(0, 255).to(torch.uint8)
-
-
-def _gray(images: Tensor) -> Tensor:
-    """ITU-R 601-2 luma (B, 1, H, W) as float, floored like torchvision does for uint8 images."""
-    return TF.rgb_to_grayscale(images.float()).floor_()
-
-
-def _sharpness(images: Tensor, factor: Tensor) -> Tensor:
-    """PIL's ``ImageEnhance.Sharpness``: blend with the 3x3 smoothing (1s around a 5, / 13), rounded,
-    on interior pixels only; the border keeps its values."""
-    x = images.float()
-    kernel = torch.full((3, 3), 1.0 / 13.0, device=x.device)
-    kernel[1, 1] = 5.0 / 13.0
-    blurred = F.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3).round_()
-    out = x.clone()
-    view = out[..., 1:-1, 1:-1]
-    alpha = (1.0 - factor.to(device=x.device, dtype=torch.float64)).float().view(-1, 1, 1, 1)
-    view.add_((blurred - view) * alpha)
-    return out.clamp_(0, 255).to(torch.uint8)
+def _per_image(fn, images: Tensor, factor: Tensor) -> Tensor:
+    """``fn(image, factor)`` image by image (torchvision's enhancement kernels take one scalar factor)."""
+    return torch.stack([fn(images[i], float(factor[i])) for i in range(images.shape[0])])
 
 
 def _apply(name: str, x: Tensor, v: Tensor) -> Tensor:
@@ -97,14 +74,8 @@ def _apply(name: str, x: Tensor, v: Tensor) -> Tensor:
         return TF.autocontrast(x)
     if name == "Equalize":
         return TF.equalize(x)
-    if name == "Brightness":
-        return _blend(x, torch.zeros_like(x), v)
-    if name == "Color":
-        return _blend(x, _gray(x), v)
-    if name == "Contrast":
-        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), v)
-    if name == "Sharpness":
-        return _sharpness(x, v)
+    if name in ENHANCE:  # PIL's ImageEnhance factors, through torchvision's tensor kernels
+        return _per_image(ENHANCE[name], x, v)
     if name == "Posterize":  # keep the top int(v) bits
         bits = v.long().clamp(min=1).to(x.device)
         mask = ((255 << (8 - bits)) & 255).to(torch.uint8).view(-1, 1, 1, 1)
@@ -114,6 +85,8 @@ def _apply(name: str, x: Tensor, v: Tensor) -> Tensor:
     return _affine_nearest(x, _affine_coef(name, v, x.shape[2], x.shape[3]))
 
 
+ENHANCE = {"Brightness": TF.adjust_brightness, "Color": TF.adjust_saturation, "Contrast": TF.adjust_contrast,
+           "Sharpness": TF.adjust_sharpness}
 #: the 14 operations and magnitude ranges of the authors' ``augment_list`` (name, low, high)
 OPS: List[Tuple[str, float, float]] = [
     ("AutoContrast", 0.0, 1.0), ("Brightness", 0.05, 0.95), ("Color", 0.05, 0.95),

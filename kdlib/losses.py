@@ -453,8 +453,8 @@ def mlkd_batch_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
 def below_median_fraction(values: Tensor) -> Tensor:
     """Fraction of ``values`` <= their median (numpy's linearly interpolated 50th percentile): what
     MLKD's confidence masks amount to once multiplied onto an already averaged loss."""
-    v = values.detach().float().reshape(-1)
-    return (v <= torch.quantile(v, 0.5)).float().mean()
+    v = as_float(values.detach()).reshape(-1)
+    return (v <= torch.quantile(v, 0.5)).to(v.dtype).mean()
 
 
 # -- CLKD, the StreamLined re-implementation's correlation term --------------------------------------
