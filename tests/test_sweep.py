@@ -301,7 +301,8 @@ def test_shipped_grids(tmp_path):
     assert sweep.grid_names() == ["course", "paper", "smoke"]
     paper = sweep.GridSpec.from_mapping({**sweep.load_grid("paper"), "out": str(tmp_path / "paper")})
     assert paper.profile == "paper" and paper.dataset == "cifar100" and paper.seeds == [0, 1, 2]
-    assert paper.methods == ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd"]
+    assert paper.methods == ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd", "dist", "nkd", "ctkd",
+                             "mlkd"]
     assert set(paper.pairs) == {
         ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
         ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("wrn_40_2", "ShuffleV1"),
