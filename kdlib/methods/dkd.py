@@ -9,7 +9,7 @@ counted from 1. Defaults: lambda_CE = 1, alpha = 1, beta = 8, T = 4, 20 warm-up 
 beta is :data:`PER_PAIR_BETA` (:func:`default_beta`). kdlib drops the target column exactly instead of
 subtracting 1000 from its logit (same value, finite for any logits).
 ``standardize=True``: logit standardisation (Sun et al., CVPR 2024; their ``DKD.py``): both logit vectors
-z-scored per sample before the temperature, CE on raw logits (LS settings: :data:`kdlib.methods.ls.LS_SETTINGS`).
+z-scored per sample before the temperature, CE on raw logits (LS settings: :func:`kdlib.methods.ls.ls_settings`).
 Terms: ``loss_ce``, ``loss_tckd`` (alpha, warm-up included), ``loss_nckd`` (beta, warm-up included).
 """
 import torch.nn.functional as F

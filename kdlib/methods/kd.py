@@ -8,7 +8,7 @@ Defaults of the CIFAR-100 (CRD/mdistiller) protocol: T = 4, lambda_CE = 0.1, lam
 ``standardize=True`` is logit standardisation (Sun et al., CVPR 2024; exact: their ``KD.py``): both logit
 vectors z-scored per sample (:func:`kdlib.losses.standardize`) before the temperature, CE on raw logits.
 The LS paper's KD settings (T = 2, kd_weight = 9, ce_weight = 0.1; per pair in
-:data:`kdlib.methods.ls.LS_SETTINGS`) are not the defaults: set them with ``--set``.
+:func:`kdlib.methods.ls.ls_settings`) are not the defaults: set them with ``--set``.
 """
 import torch.nn.functional as F
 
