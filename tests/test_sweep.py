@@ -314,7 +314,7 @@ def test_shipped_grids(tmp_path):
         (ckpts / f"{teacher}_vanilla" / "ckpt_epoch_240.pth").touch()
     paper.teacher_checkpoint_dir = str(ckpts)
     runs = sweep.plan(paper)
-    assert len(runs) == 7 * 11 * 3 + 9 * 3
+    assert len(runs) == 11 * 11 * 3 + 9 * 3  # 11 methods with a teacher x 11 pairs x 3 seeds + 9 students alone
     for run in runs:
         assert run.config.epochs == 240 and run.config.train_per_class is None
         if run.teacher:
