@@ -147,11 +147,17 @@ class RunConfig:
         params.update(self.method_params or {})
         return params
 
+    def method_recipe(self) -> Dict[str, Any]:
+        """Recipe fields the method's authors set differently from the shared recipe (``Method.recipe``)."""
+        from kdlib import methods
+
+        return dict(methods.get(self.method).recipe(self.teacher, self.student))
+
     def resolved(self) -> "RunConfig":
         """A copy with every ``None`` default filled in and the method's hyperparameters spelt out."""
         cfg = self.replace()
-        if cfg.lr is None:
-            cfg.lr = default_lr(cfg.student)
+        if cfg.lr is None:  # the method authors' recipe where it differs (MLKD: 0.025), else the protocol's
+            cfg.lr = self.method_recipe().get("lr") or default_lr(cfg.student)
         if cfg.milestones is None:
             cfg.milestones = scaled_milestones(cfg.epochs)
         elif isinstance(cfg.milestones, tuple):

@@ -14,6 +14,7 @@ Notation: ``p = softmax(z / T)``; ``KL(a || b) = sum_i a_i log(a_i / b_i)``; tea
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Union
 
 import torch
@@ -338,3 +339,131 @@ def prediction_difficulty(teacher_logits: Tensor, pruned_logits: Tensor, tau: fl
     p = F.softmax(_scaled(teacher_logits, tau), dim=1)
     q = F.softmax(_scaled(pruned_logits, tau), dim=1)
     return (p - q).norm(dim=1)
+
+
+# -- logit standardisation (Sun et al., CVPR 2024) -------------------------------------------------
+LS_EPS = 1e-7
+
+
+def standardize(logits: Tensor) -> Tensor:
+    r"""Per-sample z-score of the logits, :math:`(z - \bar z) / (\mathrm{std}(z) + 10^{-7})`.
+
+    The LS authors' code uses the unbiased std (divide by C - 1) plus an absolute 1e-7 (the paper writes
+    the population std). The temperature is applied afterwards by the caller."""
+    z = as_float(logits)
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + LS_EPS)
+
+
+def maybe_standardize(student_logits: Tensor, teacher_logits: Tensor, enabled: bool):
+    """Both logit tensors z-scored when ``enabled`` (for the KD-type terms; CE stays on raw logits)."""
+    if not enabled:
+        return student_logits, teacher_logits
+    return standardize(student_logits), standardize(teacher_logits)
+
+
+# -- DIST (Huang et al., NeurIPS 2022) ---------------------------------------------------------------
+DIST_EPS = 1e-8
+
+
+def pearson_rows(a: Tensor, b: Tensor, eps: float = DIST_EPS) -> Tensor:
+    r"""Row-wise Pearson correlation (B,): cosine similarity of the mean-centred rows, with the DIST
+    authors' absolute eps added to the product of the norms, :math:`\frac{a_c\cdot b_c}{\|a_c\|\|b_c\|+\epsilon}`."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_terms(student_logits: Tensor, teacher_logits: Tensor, temperature: float):
+    r"""DIST's ``(inter, intra)``, each times :math:`\tau^2`, with :math:`Y = \mathrm{softmax}(z/\tau)`:
+    inter :math:`= 1 - \frac{1}{B}\sum_b \rho(Y^s_{b,:}, Y^t_{b,:})` (per sample, across classes),
+    intra :math:`= 1 - \frac{1}{C}\sum_c \rho(Y^s_{:,c}, Y^t_{:,c})` (per class, across the batch: a batch
+    statistic)."""
+    ys = F.softmax(_scaled(student_logits, temperature), dim=1)
+    yt = F.softmax(_scaled(teacher_logits, temperature), dim=1)
+    t2 = temperature**2
+    inter = 1.0 - pearson_rows(ys, yt).mean()
+    intra = 1.0 - pearson_rows(ys.t(), yt.t()).mean()
+    return inter * t2, intra * t2
+
+
+# -- NKD (Yang et al., ICCV 2023) --------------------------------------------------------------------
+def nkd_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float):
+    r"""NKD's ``(target, non_target)`` batch means, as the authors' code computes them:
+    target :math:`= -\frac{1}{B}\sum_b \mathrm{sg}(p^t_{b,y})\,\log p^s_{b,y}` at T = 1;
+    non_target :math:`= -\frac{T^2}{B}\sum_b\sum_{i\ne y} \hat p^t_{b,i}\log \hat p^s_{b,i}` with
+    :math:`\hat p` the softmax of the C - 1 non-target logits at T (a cross-entropy: its value includes
+    the teacher's entropy, its gradient is the KL's). Gamma is applied by the caller."""
+    zs, zt = as_float(student_logits), as_float(teacher_logits)
+    y = targets.reshape(-1, 1).long()
+    log_ps = F.log_softmax(zs, dim=1).gather(1, y).squeeze(1)
+    pt = F.softmax(zt, dim=1).gather(1, y).squeeze(1).detach()
+    target = -(pt * log_ps).mean()
+    keep = ~target_mask(zs, targets)
+    log_hat_s = _restricted_log_softmax(zs / temperature, keep)
+    hat_t = _restricted_log_softmax(zt / temperature, keep).exp().masked_fill(~keep, 0.0)
+    non_target = -(hat_t * log_hat_s).sum(dim=1).mean() * temperature**2
+    return target, non_target
+
+
+# -- CTKD (Li et al., AAAI 2023) ------------------------------------------------------------------
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``coefficient`` (CTKD's gradient reversal
+    layer: the coefficient runs from 0 to -1, so the temperature ascends the loss)."""
+
+    @staticmethod
+    def forward(ctx, x, coefficient):
+        ctx.save_for_backward(coefficient)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coefficient,) = ctx.saved_tensors
+        return grad * coefficient.to(grad), None
+
+
+def scale_gradient(x: Tensor, coefficient: Tensor) -> Tensor:
+    """``x`` unchanged; its gradient times ``coefficient`` (a 0-dim tensor, read at backward time)."""
+    return _ScaleGradient.apply(x, coefficient)
+
+
+def ctkd_reversal(epoch: int, ramp_epochs: int) -> float:
+    r"""CTKD's gradient-reversal coefficient for epoch e (from 1): the authors' cosine schedule from 0
+    to -1, :math:`\lambda_e = -\frac{1}{2}\big(1 - \cos(\pi\,\min(e, E)/E)\big)` (-1 when E = 0)."""
+    if ramp_epochs <= 0:
+        return -1.0
+    e = min(max(epoch, 0), ramp_epochs)
+    return -0.5 * (1.0 - math.cos(math.pi * e / ramp_epochs))
+
+
+# -- MLKD (Jin et al., CVPR 2023) -----------------------------------------------------------------
+def mlkd_class_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    r"""Class level: :math:`\|G^t - G^s\|_F^2 / C` with :math:`G = P^\top P` (C x C), P = softmax(z/T)."""
+    ps = F.softmax(_scaled(student_logits, temperature), dim=1)
+    pt = F.softmax(_scaled(teacher_logits, temperature), dim=1)
+    return (pt.t() @ pt - ps.t() @ ps).pow(2).sum() / ps.shape[1]
+
+
+def mlkd_batch_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    r"""Batch level: :math:`\|G^t - G^s\|_F^2 / B` with :math:`G = P P^\top` (B x B), P = softmax(z/T)."""
+    ps = F.softmax(_scaled(student_logits, temperature), dim=1)
+    pt = F.softmax(_scaled(teacher_logits, temperature), dim=1)
+    return (pt @ pt.t() - ps @ ps.t()).pow(2).sum() / ps.shape[0]
+
+
+def below_median_fraction(values: Tensor) -> Tensor:
+    """Fraction of ``values`` <= their median (numpy's linearly interpolated 50th percentile): what
+    MLKD's confidence masks amount to once multiplied onto an already averaged loss."""
+    v = as_float(values.detach()).reshape(-1)
+    return (v <= torch.quantile(v, 0.5)).to(v.dtype).mean()
+
+
+# -- CLKD, the StreamLined re-implementation's correlation term --------------------------------------
+def streamlined_correlation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    r""":math:`\frac{1}{C^2}\|M^s - M^t\|_F` (Frobenius norm, **not** squared) with
+    :math:`M = \frac{1}{C-1} Z_c^\top Z_c` (C x C), :math:`Z_c` the batch-centred logits; divided by
+    C - 1 (classes), as in the HyunJunSik/StreamLined re-implementation."""
+    zs, zt = as_float(student_logits), as_float(teacher_logits)
+    c = zs.shape[1]
+    ds, dt = zs - zs.mean(dim=0, keepdim=True), zt - zt.mean(dim=0, keepdim=True)
+    diff = (ds.t() @ ds - dt.t() @ dt) / max(c - 1, 1)
+    return torch.linalg.matrix_norm(diff) / c**2

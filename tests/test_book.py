@@ -43,8 +43,11 @@ def test_toc_lists_every_chapter_file():
 def test_every_method_has_a_chapter():
     from kdlib import methods
 
+    # a chapter named after the method, or one that includes the method's source file
     names = {p.stem for p in chapter_sources()}
-    assert {m for m in methods.names() if m != "vanilla"} <= names
+    included = {m for m in methods.names() for p in chapter_sources()
+                if f"../kdlib/methods/{m}.py" in p.read_text()}
+    assert {m for m in methods.names() if m != "vanilla"} <= names | included
 
 
 def test_chapters_are_stored_without_outputs():

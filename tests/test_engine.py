@@ -83,7 +83,7 @@ def test_pair_defaults_apply_unless_user_sets_them():
     assert make_config("smoke", method="dkd", teacher="resnet32x4", student="resnet8x4").resolved().method_params["beta"] == 8.0
     assert apply_overrides(cfg, ["beta=5"]).resolved().method_params["beta"] == 5
     assert make_config("smoke", method="kd").resolved().method_params == {"temperature": 4.0, "ce_weight": 0.1,
-                                                                          "kd_weight": 0.9}
+                                                                          "kd_weight": 0.9, "standardize": False}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -148,7 +148,8 @@ def test_metrics_schema_and_consistency(reference):
     assert metrics["status"] == "finished"
     config = metrics["config"]
     assert config["run"]["method"] == "kd" and config["run"]["milestones"] == [2, 3]
-    assert config["method"]["hparams"] == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert config["method"]["hparams"] == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9,
+                                           "standardize": False}
     assert {"torch", "kdlib", "python"} <= set(config["versions"])
     assert "git_commit" in config
     assert config["dataset"]["num_classes"] == 100 and len(config["dataset"]["class_names"]) == 100

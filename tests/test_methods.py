@@ -35,7 +35,8 @@ S, T_, Y = logits(0), logits(1), labels(0)
 
 
 def test_registry_lists_every_method_and_rejects_unknown_names():
-    assert set(names()) == {"vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd"}
+    assert set(names()) == {"vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd", "dist", "nkd",
+                            "ctkd", "mlkd"}
     with pytest.raises(KDLibError, match="unknown method 'dkdd'.*valid methods"):
         build("dkdd")
     with pytest.raises(KDLibError, match="no hyperparameter 'gamma'"):
@@ -44,7 +45,7 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
 
 def test_defaults_follow_methods_md():
     assert build("dkd").hparams == {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0,
-                                    "warmup": 20}
+                                    "warmup": 20, "standardize": False}
     rekd = build("rekd").hparams
     assert (rekd["k"], rekd["alpha"], rekd["beta"], rekd["temperature"], rekd["warmup"], rekd["ce_weight"],
             rekd["topk_source"], rekd["include_binary_term"]) == (3, 1.0, 8.0, 4.0, 20, 1.0, "student", False)
@@ -219,13 +220,13 @@ def test_cwkd_state_dict_round_trip():
 
 # -- CLKD ---------------------------------------------------------------------------------------------
 def test_clkd_terms():
-    m = build("clkd")
+    m = build("clkd", variant="recon")
     terms = m(S, T_, Y, step())
     torch.testing.assert_close(terms["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_))
     torch.testing.assert_close(terms["loss_cla"], 0.5 * 2.0 * L.clkd_class_loss(S, T_))
     torch.testing.assert_close(terms["loss_cc"], 0.4 * L.class_correlation_loss(S, T_, "cov"))
     torch.testing.assert_close(terms["loss_ce"], 0.1 * F.cross_entropy(S, Y))
-    gram = build("clkd", corr="gram", normalization="vector_sum")(S, T_, Y, step())
+    gram = build("clkd", variant="recon", corr="gram", normalization="vector_sum")(S, T_, Y, step())
     torch.testing.assert_close(gram["loss_cc"], 0.4 * L.class_correlation_loss(S, T_, "gram"))
     torch.testing.assert_close(gram["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_, "vector_sum"))
 

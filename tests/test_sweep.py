@@ -301,7 +301,8 @@ def test_shipped_grids(tmp_path):
     assert sweep.grid_names() == ["course", "paper", "smoke"]
     paper = sweep.GridSpec.from_mapping({**sweep.load_grid("paper"), "out": str(tmp_path / "paper")})
     assert paper.profile == "paper" and paper.dataset == "cifar100" and paper.seeds == [0, 1, 2]
-    assert paper.methods == ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd"]
+    assert paper.methods == ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd", "dist", "nkd", "ctkd",
+                             "mlkd"]
     assert set(paper.pairs) == {
         ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
         ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("wrn_40_2", "ShuffleV1"),
@@ -313,7 +314,7 @@ def test_shipped_grids(tmp_path):
         (ckpts / f"{teacher}_vanilla" / "ckpt_epoch_240.pth").touch()
     paper.teacher_checkpoint_dir = str(ckpts)
     runs = sweep.plan(paper)
-    assert len(runs) == 7 * 11 * 3 + 9 * 3
+    assert len(runs) == 11 * 11 * 3 + 9 * 3  # 11 methods with a teacher x 11 pairs x 3 seeds + 9 students alone
     for run in runs:
         assert run.config.epochs == 240 and run.config.train_per_class is None
         if run.teacher:

@@ -72,11 +72,12 @@ from kdlib.engine.loop import TrainingInterrupted, lr_at, progress_at, train
 from kdlib.engine.rng import epoch_generator, seed_everything
 from kdlib.engine.rundir import (ARTIFACTS, CHECKPOINT, CONFUSION, METRICS, PREVIOUS_CHECKPOINT,
                                  SCHEMA_VERSION, STUDENT, read_checkpoint)
-from kdlib.engine.step import EpochSums, GraphedStep, TrainingStep, make_batch, train_step
+from kdlib.engine.step import (EpochSums, GraphedStep, TrainingStep, check_extra_views, make_batch,
+                               train_step)
 from kdlib.teacher_logits import LiveTeacher, Views
 
 __all__ = ["train", "lr_at", "progress_at", "evaluate", "predict", "LiveTeacher", "Views",
-           "TrainingInterrupted", "make_batch", "train_step", "TrainingStep", "GraphedStep", "EpochSums",
+           "TrainingInterrupted", "make_batch", "train_step", "TrainingStep", "GraphedStep", "EpochSums", "check_extra_views",
            "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast",
            "epoch_generator", "seed_everything", "read_checkpoint", "METRICS", "CHECKPOINT",
            "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT", "SCHEMA_VERSION"]

@@ -29,7 +29,7 @@ from kdlib.engine import rundir
 from kdlib.engine.device import compile_student, resolve_amp, resolve_device, resolve_graph
 from kdlib.engine.evaluate import predict
 from kdlib.engine.rng import seed_everything, set_rng_state
-from kdlib.engine.step import TrainingStep, graph_blockers
+from kdlib.engine.step import TrainingStep, check_extra_views, graph_blockers
 from kdlib.errors import KDLibError
 from kdlib.teacher_logits import LiveTeacher, TeacherProvider
 
@@ -218,6 +218,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     seed_everything(cfg.seed)
     student = models.create(cfg.student, num_classes=C).to(device=device, memory_format=memory_format)
     method = methods.build(cfg.method, **cfg.method_params).to(device)
+    check_extra_views(method, teacher, dataset.train_images)
     eval_bs = cfg.eval_batch_size
 
     def predict_fn(model: nn.Module, images_u8: Tensor) -> Tensor:
@@ -289,7 +290,8 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
             "seed": cfg.seed,
             "method": {"name": cfg.method, "hparams": rundir.jsonable(cfg.method_params),
                        "defaults": rundir.jsonable(dict(method_cls.defaults)),
-                       "uses_teacher": bool(method_cls.uses_teacher), "setup": rundir.jsonable(setup_facts)},
+                       "uses_teacher": bool(method_cls.uses_teacher), "setup": rundir.jsonable(setup_facts),
+                       "recipe": rundir.jsonable(cfg.method_recipe())},
             "dataset": rundir.dataset_info(dataset),
             "teacher": teacher_info,
             "teacher_cache": cache_record,

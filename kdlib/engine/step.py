@@ -134,6 +134,22 @@ def train_step(forward: nn.Module, method: nn.Module, optimizer: torch.optim.Opt
 
 
 # -- the step of a run ---------------------------------------------------------------------------------
+def check_extra_views(method: nn.Module, teacher: Optional[nn.Module], images: Optional[Tensor]) -> None:
+    """Refuse, before training, a method whose extra views this run cannot make: a view is cut from the raw
+    uint8 training images, and a method that uses a teacher needs the live teacher network on it (teacher
+    logits alone, e.g. a cache, cannot give a second view)."""
+    names = list(getattr(method, "extra_views", {}) or {})
+    if not names:
+        return
+    label = getattr(method, "name", type(method).__name__)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise KDLibError(f"method {label!r} needs a second view ({', '.join(names)}) made from the raw "
+                         f"uint8 training images, which this dataset does not provide")
+    if getattr(method, "uses_teacher", True) and teacher is None:
+        raise KDLibError(f"method {label!r} needs the live teacher network for its {', '.join(names)} view "
+                         f"(teacher logits alone cannot give a second view)")
+
+
 class TrainingStep:
     """Everything one step of a run needs, built once: data on the device, networks, method, optimizer.
 

@@ -9,7 +9,7 @@ from kdlib.methods.base import Method, SetupContext, StepContext
 
 _REGISTRY: Dict[str, Type[Method]] = {}
 # one module per method; imported lazily so a broken method cannot break the others' import
-_MODULES = ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd"]
+_MODULES = ["vanilla", "kd", "dkd", "cwkd", "clkd", "rekd", "aekt", "dlkd", "dist", "nkd", "ctkd", "mlkd"]
 
 
 def register(cls: Type[Method]) -> Type[Method]:

@@ -97,6 +97,12 @@ class Method(nn.Module):
 
     # -- hooks the engine calls ---------------------------------------------------------------
     @classmethod
+    def recipe(cls, teacher: Optional[str], student: str) -> Dict[str, Any]:
+        """Recipe fields (``RunConfig`` names, e.g. ``lr``) where the method's authors ran another recipe
+        than the shared one; applied by ``RunConfig.resolved`` to fields the user left unset (None)."""
+        return {}
+
+    @classmethod
     def pair_defaults(cls, teacher: str, student: str) -> Dict[str, Any]:
         """Per teacher/student pair defaults (DKD's beta), applied unless the user sets the value.
 
@@ -167,6 +173,12 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if not ok or value < minimum:
         raise KDLibError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise KDLibError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value: Any, choices) -> Any:

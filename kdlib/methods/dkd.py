@@ -8,13 +8,15 @@ the C-1 non-target classes (NCKD); both KLs summed over classes and averaged ove
 counted from 1. Defaults: lambda_CE = 1, alpha = 1, beta = 8, T = 4, 20 warm-up epochs. The authors' per-pair
 beta is :data:`PER_PAIR_BETA` (:func:`default_beta`). kdlib drops the target column exactly instead of
 subtracting 1000 from its logit (same value, finite for any logits).
+``standardize=True``: logit standardisation (Sun et al., CVPR 2024; their ``DKD.py``): both logit vectors
+z-scored per sample before the temperature, CE on raw logits (LS settings: :func:`kdlib.methods.ls.ls_settings`).
 Terms: ``loss_ce``, ``loss_tckd`` (alpha, warm-up included), ``loss_nckd`` (beta, warm-up included).
 """
 import torch.nn.functional as F
 
-from kdlib.losses import as_float, dkd_parts
+from kdlib.losses import as_float, dkd_parts, maybe_standardize
 from kdlib.methods import register
-from kdlib.methods.base import Method, check_nonnegative, check_positive, warmup_factor
+from kdlib.methods.base import Method, check_bool, check_nonnegative, check_positive, warmup_factor
 
 #: beta of the DKD configs (configs/cifar100/dkd/*.yaml), keyed by (teacher, student) zoo names
 PER_PAIR_BETA = {
@@ -41,7 +43,8 @@ def default_beta(teacher: str, student: str) -> float:
 @register
 class DKD(Method):
     name = "dkd"
-    defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": DEFAULT_BETA, "temperature": 4.0, "warmup": 20}
+    defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": DEFAULT_BETA, "temperature": 4.0, "warmup": 20,
+                "standardize": False}
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)
@@ -50,9 +53,11 @@ class DKD(Method):
         self.beta = check_nonnegative("beta", self.hparams["beta"])
         self.temperature = check_positive("temperature", self.hparams["temperature"])
         self.warmup = check_nonnegative("warmup", self.hparams["warmup"])
+        self.standardize = check_bool("standardize", self.hparams["standardize"])
 
     def forward(self, student_logits, teacher_logits, targets, batch):
-        parts = dkd_parts(student_logits, teacher_logits, targets, self.temperature)
+        zs, zt = maybe_standardize(student_logits, teacher_logits, self.standardize)
+        parts = dkd_parts(zs, zt, targets, self.temperature)
         scale = warmup_factor(batch, self.warmup) * self.temperature**2
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),
