@@ -69,7 +69,8 @@ return {
 MATHJAX_DONE_JS = r"""
 const done = arguments[arguments.length - 1];
 const wait = (t) => {
-  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+  if (!document.querySelector('script[src*="mathjax"]')) { done(false); }  // a page without equations
+  else if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
     MathJax.startup.promise.then(() => done(true), (e) => done('MathJax failed: ' + e));
   } else if (t > 100) { done(false); } else { setTimeout(() => wait(t + 1), 50); }
 };
@@ -162,6 +163,13 @@ def visit(driver, page: Path) -> dict:
     return facts
 
 
+def leaves_the_machine(url: str) -> bool:
+    """A request over the network (not file:, data:, or Chromium's own chrome:// pages)."""
+    parts = urlsplit(url)
+    local_host = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    return parts.scheme in ("http", "https", "ws", "wss", "ftp") and not local_host
+
+
 def local_target(url: str):
     """(file path, fragment) of a link into the book; None for links elsewhere (mailto:, ...)."""
     parts = urlsplit(url)
@@ -209,8 +217,7 @@ def test_every_page_renders_offline_in_chromium(html_book, browser):
                 problems.append(f"{name}: image not loaded: {image['src']}")
         for entry in facts["console"]:
             problems.append(f"{name}: console error: {entry['message'][:200]}")
-        outside = [u for u in facts["requests"] + facts["resources"]
-                   if not u.startswith(("file:", "data:", "blob:", "about:"))]
+        outside = [u for u in facts["requests"] + facts["resources"] if leaves_the_machine(u)]
         for url in sorted(set(outside)):
             problems.append(f"{name}: request leaves the machine: {url}")
     for name, url in links:
