@@ -99,6 +99,7 @@ class ExecutedChapters:
         self.staging, self.home, self.parameters, self.data_root = staging, home, dict(parameters), data_root
         self.results: dict = {}
         self.seconds: dict = {}
+        self.staging.mkdir(parents=True, exist_ok=True)
         bookbuild.stage(self.root, self.staging)
 
     def executed(self, chapter: str) -> Path:
@@ -127,6 +128,30 @@ class ExecutedChapters:
         if isinstance(result, Exception):
             raise result
         return result
+
+    def book(self) -> list:
+        """Every chapter of _toc.yml in the staged book, executed; returns the failures (``chapter: error``).
+
+        A chapter that fails to execute (its own test in test_book.py reports it) is staged without
+        outputs, so the HTML and the PDF can still be built and checked page by page.
+        """
+        import nbformat
+
+        from kdlib import bookbuild
+
+        failed = []
+        for name in bookbuild.toc_files(self.root):
+            src = bookbuild.source_of(self.root, name)
+            if not bookbuild.is_notebook(src):
+                continue
+            try:
+                self.executed(Path(name).name)
+            except Exception as exc:
+                failed.append(f"{name}: {exc}")
+                nbformat.write(bookbuild.read_notebook(src), self.staging / f"{name}.ipynb")
+        if failed:
+            print("staged without outputs (the chapter failed to execute):", *failed, sep="\n  ")
+        return failed
 
 
 #: a few seconds per chapter: the parameters every chapter's `parameters` cell must accept

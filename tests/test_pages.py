@@ -23,6 +23,7 @@ import base64
 import json
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -93,23 +94,9 @@ def find_chromium():
 @pytest.fixture(scope="module")
 def html_book(tiny_chapters, tmp_path_factory):
     """The HTML book built from the chapters executed at tiny size; returns the html folder."""
-    import nbformat
-
-    root = tiny_chapters.root
-    failed = []
-    for name in bookbuild.toc_files(root):
-        src = bookbuild.source_of(root, name)
-        if not bookbuild.is_notebook(src):
-            continue
-        try:
-            tiny_chapters.executed(Path(name).name)
-        except Exception as exc:  # test_book.py reports it; the page is still built, without outputs
-            failed.append(f"{name}: {exc}")
-            nbformat.write(bookbuild.read_notebook(src), tiny_chapters.staging / f"{name}.ipynb")
+    tiny_chapters.book()
     out = tmp_path_factory.mktemp("html")
-    index = bookbuild.build_html(root, tiny_chapters.staging, out=out, quiet=True)
-    if failed:
-        print("pages built without outputs (chapter failed to execute):", *failed, sep="\n  ")
+    index = bookbuild.build_html(tiny_chapters.root, tiny_chapters.staging, out=out, quiet=True)
     return index.parent
 
 
@@ -123,7 +110,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     chromium, chromedriver = found
-    profile = Path(__import__("tempfile").mkdtemp(prefix="kdlib-chromium-"))
+    profile = Path(tempfile.mkdtemp(prefix="kdlib-chromium-"))
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
