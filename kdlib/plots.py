@@ -312,6 +312,9 @@ def gradient_check(pairs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], title
         ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--")
         ax.set_title(f"{name}\nmax |analytic − autograd| = {np.abs(a - g).max():.1e}", fontsize="small")
         ax.set_xlabel("autograd")
+        # gradients are small numbers: "−1.5" with a common "1e−3" is short where "−0.0015" runs into its
+        # neighbours
+        ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3), useMathText=True)
     axes[0].set_ylabel("analytic formula")
     return _title(fig, title)
 

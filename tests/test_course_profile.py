@@ -111,4 +111,4 @@ def test_chapter_executes_in_the_course_profile(chapter, course_chapters):
     assert "CIFAR-100 subset (4 train / 2 test per class" in text, "the chapter's label does not name CIFAR-100"
     runs = list((course_chapters.home / "runs" / "course").glob("*/metrics.json"))
     assert runs, "no course-profile run was recorded"
-    assert {json.loads(p.read_text())["config"]["dataset"] for p in runs} == {"cifar100"}
+    assert {json.loads(p.read_text())["config"]["dataset"]["name"] for p in runs} == {"cifar100"}

@@ -38,12 +38,15 @@ def book_figures():
     deltas = pd.concat([ex.class_delta(tables, name, "vanilla") for name in ("KD", "DKD")])
     z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
     data = ex.dataset(tiny_setting())
+    small_a, small_b = torch.linspace(-0.00026, 0.00021, 400), torch.linspace(-0.0017, 0.0002, 400)
     return {
         "class_accuracy_curves": plots.class_accuracy_curves(acc[acc.label == "KD"], title="t"),
         "class_delta": plots.class_delta(ex.class_delta(tables, "KD", "vanilla"), title="t"),
         "class_heatmap": plots.class_heatmap(deltas, title="t"),
         "cost": plots.cost(ex.summarize(tables)),
         "gradient_check": plots.gradient_check({"a": (z, z + 1e-9), "b": (z, z), "c": (z, z)}),
+        # the KD chapter's case: gradients of order 1e-3, whose plain tick labels (−0.0015) ran together
+        "gradient_check_small": plots.gradient_check({"KD": (small_a, small_a), "0.1 CE + 0.9 KD": (small_b, small_b)}),
         "soft_targets": plots.soft_targets(z[:3], [1, 2, 4, 8], torch.tensor([0, 1, 2]),
                                            [f"c{i}" for i in range(100)]),
         "binned": plots.binned(pd.DataFrame({"bin": [1, 2, 1, 2], "y": [1.0, 2, 3, 4], "w": [1.0, 0, 2, 1]}),
