@@ -1,12 +1,14 @@
 """``make pdf``: the book as one PDF, built by Jupyter Book's LaTeX builder from the executed chapters.
 
 Built from the same notebooks test_book.py executed at tiny size (conftest's ``tiny_chapters``). Needs
-TeX (Debian packages in README); skipped with the missing packages printed where TeX is absent: CI does
-not install TeX.
+TeX (Debian packages in README); skipped with the missing packages printed where TeX is absent. CI does
+not install TeX and skips the build (about 3 minutes of LaTeX) unless ``KDLIB_TEST_PDF=1``.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 
@@ -23,8 +25,17 @@ def test_missing_tex_is_named_with_the_apt_get_command(monkeypatch):
         bookbuild.check_pdf_tools()
 
 
+def words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower().replace("\u2019", "'")))
+
+
 @pytest.mark.slow
 def test_pdf_has_every_chapter_with_figures_and_equations(tiny_chapters, tmp_path):
+    if os.environ.get("CI") and not os.environ.get("KDLIB_TEST_PDF"):
+        # CI does not install TeX; where the machine has it anyway, three minutes of LaTeX stay optional
+        reason = "CI: the PDF is built only with KDLIB_TEST_PDF=1"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
     missing = bookbuild.missing_pdf_tools()
     if missing or not shutil.which("pdftotext") or not shutil.which("pdfimages"):
         reason = f"TeX or poppler-utils missing ({', '.join(missing) or 'pdftotext'}): the PDF is not built here"
@@ -36,9 +47,9 @@ def test_pdf_has_every_chapter_with_figures_and_equations(tiny_chapters, tmp_pat
                    if line.startswith("# ")) for name in bookbuild.toc_files(root)]
     pdf = bookbuild.build_pdf(root, tiny_chapters.staging, out=tmp_path, quiet=True)
     text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True).stdout
-    flat = " ".join(text.split())
-    for title in titles:
-        assert title in flat, f"chapter {title!r} is not in the PDF"
+    flat = words(text)
+    for title in titles:  # LaTeX sets ' as a typographic quote: compare the words
+        assert words(title) in flat, f"chapter {title!r} is not in the PDF"
     assert "# Parameters" not in text  # papermill's injected cell is removed, as on the web pages
     # every figure of the executed chapters (shown directly or glued into the text) is in the PDF
     images = subprocess.run(["pdfimages", "-list", str(pdf)], capture_output=True, text=True).stdout
