@@ -167,7 +167,7 @@ PDF_STYLES = {"fncychap.sty": "texlive-latex-extra", "tabulary.sty": "texlive-la
               "amsmath.sty": "texlive-latex-base", "xcolor.sty": "texlive-latex-recommended",
               "FreeSerif.otf": "fonts-freefont-otf"}
 PDF_DEBIAN_PACKAGES = ("latexmk", "texlive-xetex", "texlive-latex-recommended", "texlive-latex-extra",
-                       "texlive-fonts-recommended", "fonts-freefont-otf", "tex-gyre")
+                       "texlive-fonts-recommended", "fonts-freefont-otf", "tex-gyre", "lmodern")
 
 
 def missing_pdf_tools() -> List[str]:
