@@ -205,7 +205,7 @@ def run(setting: Setting, method: str, seed: int, verbose: bool = False, **metho
     what = method + (f" {method_params}" if method_params else "") + f", seed {seed}"
     if _finished(out):
         engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
-        print(f"{what}: finished earlier, read from its record ({_where(out)})", flush=True)
+        print(f"{what}: reused, finished earlier ({_where(out)})", flush=True)
         return out
     start = time.perf_counter()
     engine.train(cfg, progress=False, verbose=verbose)
