@@ -15,7 +15,7 @@ export KDLIB_HOME ?= $(CURDIR)/_build/kdlib
 export MPLCONFIGDIR := $(CURDIR)/_build/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test book chapter student-copies bench clean lock
+.PHONY: setup test book pdf chapter student-copies bench clean lock
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 book: $(STAMP)
 	$(PY) -m kdlib book --profile $(PROFILE)
+
+# The whole book as one PDF (_build/latex/book.pdf) from the executed chapters `make book` left (those of
+# another profile or parameters are executed again). Needs TeX from Debian: the command names what is missing.
+pdf: $(STAMP)
+	$(PY) -m kdlib book --profile $(PROFILE) --pdf
 
 # Re-execute one chapter alone: make chapter CHAPTER=dkd PARAMS="-p epochs 5 -p seeds '[0,1]'"
 chapter: $(STAMP)

@@ -1,4 +1,4 @@
-"""``python -m kdlib book``: execute the chapters with papermill, then build the HTML book.
+"""``python -m kdlib book``: execute the chapters with papermill, then build the HTML book (or the PDF).
 
 The chapters are MyST markdown notebooks in ``book/`` (stored without outputs). For each chapter listed
 in ``_toc.yml`` this module converts it with jupytext, executes it with papermill (the profile and any
@@ -6,6 +6,12 @@ in ``_toc.yml`` this module converts it with jupytext, executes it with papermil
 ``jupyter-book build`` on those executed copies with execution switched off, so nothing runs twice.
 A cell error stops the build with the chapter's name. Runs and teachers are shared by all chapters
 through ``KDLIB_HOME`` (the engine resumes or skips what is already finished).
+
+Papermill writes the parameters it was given into a cell of its own ("injected-parameters"); that cell
+is tagged ``remove-cell`` so readers do not see it twice: the values are in each chapter's label line.
+``--pdf`` builds ``_build/latex/book.pdf`` with Jupyter Book's LaTeX builder from the executed copies,
+re-executing only the chapters whose executed copy is missing, older than its source or was run with
+other parameters.
 """
 from __future__ import annotations
 
@@ -67,6 +73,35 @@ def read_notebook(path: Path):
     return jupytext.read(path)
 
 
+INJECTED_TAG = "injected-parameters"  # papermill's tag on the cell it adds
+
+
+def hide_injected_parameters(path: Path) -> int:
+    """Tag papermill's injected-parameters cell(s) of an executed notebook ``remove-cell``; returns how many."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    hidden = 0
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INJECTED_TAG in tags:
+            if "remove-cell" not in tags:
+                cell.metadata["tags"] = [*tags, "remove-cell"]
+            hidden += 1
+    nbformat.write(nb, path)
+    return hidden
+
+
+def executed_parameters(path: Path) -> Optional[Dict]:
+    """The parameters papermill executed ``path`` with (None if it is not a papermill output)."""
+    import nbformat
+
+    try:
+        return dict(nbformat.read(path, as_version=4).metadata["papermill"]["parameters"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path) -> float:
     """Execute one chapter into ``dst`` (ipynb); returns the seconds it took."""
     import nbformat
@@ -89,6 +124,7 @@ def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path) -> float:
               if o.get("output_type") == "error"]
     if errors:
         raise KDLibError(f"chapter {src.name} has error output: {errors[0].get('ename')}")
+    hide_injected_parameters(dst)
     return time.perf_counter() - start
 
 
@@ -108,14 +144,73 @@ def stage(root: Path, staging: Path) -> None:
             shutil.copy2(path, target)
 
 
-def build_html(root: Path, staging: Path) -> Path:
+def build_html(root: Path, staging: Path, out: Optional[Path] = None, quiet: bool = False) -> Path:
+    """``jupyter-book build`` of the staged (executed) chapters into ``out/_build/html``; the index page."""
+    out = root if out is None else out
     jb = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(jb), "build", str(staging), "--path-output", str(root), "--keep-going"]
-    result = subprocess.run(cmd, cwd=root)
-    index = root / "_build" / "html" / "index.html"
+    cmd = [str(jb), "build", str(staging), "--path-output", str(out), "--keep-going"]
+    result = subprocess.run(cmd, cwd=root, capture_output=quiet, text=True)
+    index = out / "_build" / "html" / "index.html"
     if result.returncode != 0 or not index.exists():
-        raise KDLibError(f"jupyter-book build failed (exit {result.returncode})")
+        tail = f": {result.stdout[-2000:]}{result.stderr[-2000:]}" if quiet else ""
+        raise KDLibError(f"jupyter-book build failed (exit {result.returncode}){tail}")
     return index
+
+
+#: what ``make pdf`` needs besides Python: program -> the Debian package that brings it
+PDF_PROGRAMS = {"latexmk": "latexmk", "xelatex": "texlive-xetex"}
+#: LaTeX packages the Sphinx/Jupyter Book LaTeX output loads -> the Debian package that brings them
+PDF_STYLES = {"fncychap.sty": "texlive-latex-extra", "tabulary.sty": "texlive-latex-extra",
+              "capt-of.sty": "texlive-latex-extra", "needspace.sty": "texlive-latex-extra",
+              "wrapfig.sty": "texlive-latex-extra", "framed.sty": "texlive-latex-extra",
+              "upquote.sty": "texlive-latex-extra", "fontspec.sty": "texlive-latex-recommended",
+              "amsmath.sty": "texlive-latex-base", "xcolor.sty": "texlive-latex-recommended",
+              "FreeSerif.otf": "fonts-freefont-otf"}
+PDF_DEBIAN_PACKAGES = ("latexmk", "texlive-xetex", "texlive-latex-recommended", "texlive-latex-extra",
+                       "texlive-fonts-recommended", "fonts-freefont-otf", "tex-gyre", "lmodern")
+
+
+def missing_pdf_tools() -> List[str]:
+    """The Debian packages ``make pdf`` needs that this machine lacks (empty when it can build the PDF)."""
+    missing = [pkg for prog, pkg in PDF_PROGRAMS.items() if shutil.which(prog) is None]
+    kpsewhich = shutil.which("kpsewhich")
+    for name, pkg in PDF_STYLES.items():
+        if pkg in missing:
+            continue
+        if name.endswith(".otf"):
+            found = any(Path(d).rglob(name) for d in ("/usr/share/fonts", "/usr/local/share/fonts")
+                        if Path(d).exists())
+        else:
+            found = kpsewhich is not None and subprocess.run(
+                [kpsewhich, name], capture_output=True, text=True).stdout.strip() != ""
+        if not found:
+            missing.append(pkg)
+    return sorted(set(missing))
+
+
+def check_pdf_tools() -> None:
+    missing = missing_pdf_tools()
+    if missing:
+        raise KDLibError("the PDF needs TeX: missing " + ", ".join(missing) + "; install with: sudo apt-get install "
+                         + " ".join(PDF_DEBIAN_PACKAGES))
+
+
+def build_pdf(root: Path, staging: Path, out: Optional[Path] = None, quiet: bool = False) -> Path:
+    """Jupyter Book's LaTeX builder on the staged chapters, then latexmk: ``out/_build/latex/book.pdf``."""
+    check_pdf_tools()
+    out = root if out is None else out
+    jb = Path(sys.executable).with_name("jupyter-book")
+    latex = out / "_build" / "latex"
+    shutil.rmtree(latex, ignore_errors=True)  # a PDF from an earlier build must not pass for this one
+    cmd = [str(jb), "build", str(staging), "--builder", "pdflatex", "--path-output", str(out), "--keep-going"]
+    result = subprocess.run(cmd, cwd=root, capture_output=quiet, text=True)
+    pdf = latex / "book.pdf"
+    if result.returncode != 0 or not pdf.exists():
+        log = next(iter(sorted(latex.glob("*.log"))), None)
+        hint = f"; see {log}" if log else ""
+        tail = f": {result.stdout[-2000:]}{result.stderr[-2000:]}" if quiet else ""
+        raise KDLibError(f"the PDF build failed (exit {result.returncode}){hint}{tail}")
+    return pdf
 
 
 def student_copies(root: Path, out: Path) -> List[Path]:
@@ -141,6 +236,12 @@ def student_copies(root: Path, out: Path) -> List[Path]:
     return written
 
 
+def is_up_to_date(src: Path, dst: Path, parameters: Dict) -> bool:
+    """Whether ``dst`` was executed from the current ``src`` with exactly ``parameters``."""
+    return (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime
+            and executed_parameters(dst) == parameters)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="smoke", help="smoke (offline, CI), course or paper")
     parser.add_argument("--only", action="append", metavar="CHAPTER",
@@ -148,6 +249,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a chapter parameter, as papermill's -p (VALUE is parsed as YAML)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters, do not build the HTML")
+    parser.add_argument("--pdf", action="store_true",
+                        help="build the book as one PDF (_build/latex/book.pdf) instead of the HTML; reuses "
+                             "the executed chapters of the same parameters, executes the others")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="the folder holding cifar-100-python/ (sets KDLIB_DATA for the chapters)")
     parser.add_argument("--student-copies", metavar="DIR", help="write chapters without outputs and solutions to DIR")
     parser.add_argument("--root", default=".", help="the repository (holds _toc.yml and book/)")
 
@@ -163,6 +269,10 @@ def run(args: argparse.Namespace) -> int:
     parameters = {"profile": args.profile}
     parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
     os.environ.setdefault("KDLIB_HOME", str(root / "_build" / "kdlib"))
+    if args.data_root:
+        os.environ["KDLIB_DATA"] = str(Path(args.data_root).resolve())
+    if args.pdf:
+        check_pdf_tools()  # before an hour of execution, not after
     staging = root / STAGING
     names = toc_files(root)
     if args.only:
@@ -179,11 +289,18 @@ def run(args: argparse.Namespace) -> int:
         src = source_of(root, name)
         if not is_notebook(src):
             continue
+        dst = staging / f"{name}.ipynb"
+        if args.pdf and is_up_to_date(src, dst, parameters):
+            print(f"{name}: executed copy is up to date", flush=True)
+            continue
         print(f"executing {name} ({args.profile}) ...", flush=True)
-        seconds = execute_chapter(src, staging / f"{name}.ipynb", parameters, cwd=(staging / name).parent)
+        seconds = execute_chapter(src, dst, parameters, cwd=(staging / name).parent)
         print(f"  {name}: {seconds:.0f} s", flush=True)
     print(f"chapters executed in {time.perf_counter() - total:.0f} s")
     if args.only or args.no_html:
+        return 0
+    if args.pdf:
+        print(f"book: {build_pdf(root, staging)}")
         return 0
     index = build_html(root, staging)
     print(f"book: {index}")

@@ -201,6 +201,11 @@ def _finished(path: Path) -> bool:
         return False
 
 
+def _where(out: Path) -> str:
+    """Where a run's record lives, in words a reader of the book can follow to the files."""
+    return f"record: $KDLIB_HOME/runs/{out.parent.name}/{out.name}"
+
+
 def run(setting: Setting, method: str, seed: int, verbose: bool = False, **method_params: Any) -> Path:
     """Train the run (or reuse it when finished, resume it when interrupted); return its directory.
 
@@ -211,14 +216,14 @@ def run(setting: Setting, method: str, seed: int, verbose: bool = False, **metho
 
     cfg = setting.config(method, seed, **method_params)
     out = Path(cfg.out)
-    what = method + (f" {method_params}" if method_params else "") + f" seed {seed}"
+    what = method + (f" {method_params}" if method_params else "") + f", seed {seed}"
     if _finished(out):
         engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
-        print(f"reused   {what}: {out.name}", flush=True)
+        print(f"{what}: reused, finished earlier ({_where(out)})", flush=True)
         return out
     start = time.perf_counter()
     engine.train(cfg, progress=False, verbose=verbose)
-    print(f"trained  {what}: {out.name} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"{what}: trained now in {time.perf_counter() - start:.0f} s ({_where(out)})", flush=True)
     return out
 
 

@@ -52,8 +52,31 @@ def style() -> None:
                   rc={"figure.dpi": 110, "savefig.dpi": 110, "axes.titlesize": "medium"})
 
 
+#: The book's text column is about 700 px wide and figures are PNGs at 110 dpi: a figure wider than this
+#: (inches) is shrunk by the browser, and its labels end up much smaller than the text around them.
+PAGE_WIDTH = 7.0
+#: the narrowest panel (inches) whose tick labels do not run into each other; a row of narrower panels
+#: wraps onto several rows
+MIN_PANEL = 2.8
+
+
 def figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 3.4, **kwargs):
-    """A constrained-layout Figure outside pyplot and its axes (an array when there are several)."""
+    """A constrained-layout Figure outside pyplot and its axes (an array when there are several).
+
+    Never wider than :data:`PAGE_WIDTH`: a wider request is narrowed to it, and a single row of ``ncols``
+    panels that would then be narrower than :data:`MIN_PANEL` is laid out on several rows (``height`` per
+    row); the axes still come back as one flat array of ``ncols`` panels, in reading order.
+    """
+    if width > PAGE_WIDTH:
+        if nrows == 1 and ncols > 2 and PAGE_WIDTH / ncols < MIN_PANEL:
+            per_row = max(1, int(PAGE_WIDTH // MIN_PANEL))
+            rows = math.ceil(ncols / per_row)
+            fig = Figure(figsize=(PAGE_WIDTH, height * rows), layout="constrained")
+            axes = fig.subplots(rows, per_row, squeeze=False, **kwargs).ravel()
+            for unused in axes[ncols:]:
+                fig.delaxes(unused)
+            return fig, axes[:ncols]
+        width = PAGE_WIDTH
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=True, **kwargs)
     return fig, axes
@@ -289,6 +312,9 @@ def gradient_check(pairs: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], title
         ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--")
         ax.set_title(f"{name}\nmax |analytic − autograd| = {np.abs(a - g).max():.1e}", fontsize="small")
         ax.set_xlabel("autograd")
+        # gradients are small numbers: "−1.5" with a common "1e−3" is short where "−0.0015" runs into its
+        # neighbours
+        ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3), useMathText=True)
     axes[0].set_ylabel("analytic formula")
     return _title(fig, title)
 

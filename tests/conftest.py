@@ -81,3 +81,86 @@ class KdlibCommand:
 def cli(tmp_path):
     """Run the command line: ``cli("train", ...)`` waits and returns the result, ``cli.start(...)`` a Popen."""
     return KdlibCommand(tmp_path / "home")
+
+
+class ExecutedChapters:
+    """The book's chapters executed once per session by papermill, as ``make book`` executes them.
+
+    ``executed(chapter)`` executes a chapter the first time it is asked for (``bookbuild.execute_chapter``,
+    the function ``make book`` uses) into a staged copy of the book and returns the executed notebook; a
+    chapter that failed raises its error again without running a second time. test_book.py executes every
+    chapter through this; test_pages.py then builds the HTML book from the same executed notebooks.
+    """
+
+    def __init__(self, staging: Path, home: Path, parameters: dict, data_root: Path | None = None):
+        from kdlib import bookbuild
+
+        self.root = Path(__file__).resolve().parent.parent
+        self.staging, self.home, self.parameters, self.data_root = staging, home, dict(parameters), data_root
+        self.results: dict = {}
+        self.seconds: dict = {}
+        self.staging.mkdir(parents=True, exist_ok=True)
+        bookbuild.stage(self.root, self.staging)
+
+    def executed(self, chapter: str) -> Path:
+        from kdlib import bookbuild
+
+        if chapter not in self.results:
+            src = bookbuild.source_of(self.root, f"book/{chapter}")
+            dst = self.staging / "book" / f"{chapter}.ipynb"
+            env = {"KDLIB_HOME": str(self.home), "MPLBACKEND": "Agg",
+                   # the kernel is a process of its own: one thread, as the test process (see above)
+                   "OMP_NUM_THREADS": os.environ.get("KDLIB_TEST_THREADS", "1"),
+                   "MPLCONFIGDIR": str(self.home / "matplotlib")}
+            if self.data_root is not None:
+                env["KDLIB_DATA"] = str(self.data_root)
+            mp = pytest.MonkeyPatch()
+            for name, value in env.items():
+                mp.setenv(name, value)
+            try:
+                self.seconds[chapter] = bookbuild.execute_chapter(src, dst, dict(self.parameters), cwd=dst.parent)
+                self.results[chapter] = dst
+            except Exception as exc:  # kept, so a second caller sees the same failure without re-running
+                self.results[chapter] = exc
+            finally:
+                mp.undo()
+        result = self.results[chapter]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def book(self) -> list:
+        """Every chapter of _toc.yml in the staged book, executed; returns the failures (``chapter: error``).
+
+        A chapter that fails to execute (its own test in test_book.py reports it) is staged without
+        outputs, so the HTML and the PDF can still be built and checked page by page.
+        """
+        import nbformat
+
+        from kdlib import bookbuild
+
+        failed = []
+        for name in bookbuild.toc_files(self.root):
+            src = bookbuild.source_of(self.root, name)
+            if not bookbuild.is_notebook(src):
+                continue
+            try:
+                self.executed(Path(name).name)
+            except Exception as exc:
+                failed.append(f"{name}: {exc}")
+                nbformat.write(bookbuild.read_notebook(src), self.staging / f"{name}.ipynb")
+        if failed:
+            print("staged without outputs (the chapter failed to execute):", *failed, sep="\n  ")
+        return failed
+
+
+#: a few seconds per chapter: the parameters every chapter's `parameters` cell must accept
+TINY_CHAPTER = {"profile": "smoke", "epochs": 1, "teacher_epochs": 1, "train_per_class": 4, "test_per_class": 2,
+                "seeds": [0], "tiny": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_chapters(tmp_path_factory):
+    """Every chapter executed in the smoke profile at tiny size, once per session (see ExecutedChapters)."""
+    base = tmp_path_factory.mktemp("tiny_book")
+    return ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)

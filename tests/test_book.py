@@ -1,19 +1,18 @@
 """The book: every chapter is in the table of contents, is stored clean, and executes under papermill.
 
 The execution test runs each chapter in a tiny setting (one epoch on a few synthetic images per class)
-through the same function `make book` uses, so a chapter that breaks fails CI.
+through the same function `make book` uses, so a chapter that breaks fails CI. The executed notebooks are
+kept for the session (conftest's ``tiny_chapters``): test_pages.py builds the HTML book from them.
 """
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import TINY_CHAPTER as TINY
 from kdlib import bookbuild
 
 ROOT = Path(__file__).resolve().parent.parent
-# A few seconds per chapter: the parameters every chapter's `parameters` cell must accept.
-TINY = {"profile": "smoke", "epochs": 1, "teacher_epochs": 1, "train_per_class": 4, "test_per_class": 2,
-        "seeds": [0], "tiny": True}
 
 
 def chapter_sources():
@@ -77,18 +76,32 @@ def test_student_copies_drop_solutions_and_outputs(tmp_path):
         assert not any("solution" in c["metadata"].get("tags", []) for c in nb["cells"])
 
 
-@pytest.fixture(scope="module")
-def kdlib_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("kdlib_home")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("chapter", [p.stem for p in notebook_chapters()])
-def test_chapter_executes(chapter, kdlib_home, tmp_path, monkeypatch):
-    monkeypatch.setenv("KDLIB_HOME", str(kdlib_home))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    src = bookbuild.source_of(ROOT, f"book/{chapter}")
-    out = tmp_path / f"{chapter}.ipynb"
-    bookbuild.execute_chapter(src, out, dict(TINY), cwd=src.parent)
+def test_chapter_executes(chapter, tiny_chapters):
+    out = tiny_chapters.executed(chapter)
+    print(f"{chapter}: executed in {tiny_chapters.seconds[chapter]:.1f} s")
     nb = json.loads(out.read_text())
     assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+    # papermill's own copy of the parameters is hidden in the book; the chapter's parameters cell is not
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and "remove-cell" in injected[0]["metadata"]["tags"]
+    assert nb["metadata"]["papermill"]["parameters"] == TINY
+    shown = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(shown) == 1 and "remove-cell" not in shown[0]["metadata"]["tags"]
+
+
+def test_injected_parameters_cell_is_tagged_remove_cell(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("profile = 'smoke'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("# Parameters\nprofile = 'course'", metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(profile)")])
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert bookbuild.hide_injected_parameters(path) == 1
+    tags = [c.metadata.get("tags", []) for c in nbformat.read(path, as_version=4).cells]
+    assert tags == [["parameters"], ["injected-parameters", "remove-cell"], []]
+    assert bookbuild.hide_injected_parameters(path) == 1  # idempotent: no second remove-cell tag
+    assert nbformat.read(path, as_version=4).cells[1].metadata.tags == ["injected-parameters", "remove-cell"]

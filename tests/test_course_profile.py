@@ -1,0 +1,114 @@
+"""The `course` profile, the path a course takes on real CIFAR-100, executed end to end.
+
+A small CIFAR-100 is written in the exact official python layout (``cifar-100-python/{train,test,meta}``,
+pickled dicts with bytes keys, protocol 2, the images as ``(N, 3072)`` uint8 rows): the images are
+kdlib's synthetic CIFAR-100 look-alike, so the chapters' models have something to learn. Every chapter
+is then executed in the ``course`` profile (CIFAR-100 through the real reader, resnet56 -> resnet20) at
+tiny size, with the data root given as ``make book PROFILE=course`` users give it (``KDLIB_DATA``, which
+``python -m kdlib book --data-root`` sets).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_CHAPTER, ExecutedChapters
+from kdlib import bookbuild, data
+
+ROOT = Path(__file__).resolve().parent.parent
+COURSE_TINY = {**TINY_CHAPTER, "profile": "course"}
+#: images per class in the fixture: a few more than the tiny chapters take, so "first per class" matters
+FIXTURE_TRAIN, FIXTURE_TEST = 6, 3
+#: chapters known to fail in the course profile today, each fixed by another issue (remove when merged)
+KNOWN_FAILURES = {
+    "clkd": "NaN loss at epoch 1 step 3 with resnet56 -> resnet20 (issue 13 replaces CLKD's default loss)",
+    "comparison": "runs CLKD: NaN loss at epoch 1 step 3 with resnet56 -> resnet20 (issue 13)",
+    "rekd": "ZeroDivisionError in the chapter's beta_factor glue (issue 16 fixes it)",
+}
+
+
+def write_cifar100_python(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """Write kdlib's synthetic images as ``root/cifar-100-python/{train,test,meta}``, the official layout."""
+    synth = data.load_dataset("synthetic", train_per_class=train_per_class, test_per_class=test_per_class,
+                              seed=seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    coarse_of = synth.class_to_superclass.numpy()
+    for split, images, labels in (("train", synth.train_images, synth.train_labels),
+                                  ("test", synth.test_images, synth.test_labels)):
+        order = rng.permutation(len(labels))  # the official files are not sorted by class
+        fine = labels.numpy()[order]
+        content = {
+            b"filenames": [f"{split}_{i:05d}.png".encode() for i in range(fine.size)],
+            b"batch_label": f"{split}ing batch 1 of 1".encode(),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": coarse_of[fine].tolist(),
+            b"data": images.numpy()[order].reshape(len(fine), 3072),  # R, G, B planes of 32x32, row-major
+        }
+        with open(folder / split, "wb") as f:
+            pickle.dump(content, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [n.encode() for n in synth.class_names],
+                     b"coarse_label_names": [n.encode() for n in synth.superclass_names]}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100_python(root, FIXTURE_TRAIN, FIXTURE_TEST)
+    return root
+
+
+@pytest.fixture(scope="module")
+def course_chapters(cifar_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("course_book")
+    return ExecutedChapters(base / "staging", base / "home", COURSE_TINY, data_root=cifar_root)
+
+
+def test_fixture_reads_back_through_the_cifar100_reader(cifar_root):
+    synth = data.load_dataset("synthetic", train_per_class=FIXTURE_TRAIN, test_per_class=FIXTURE_TEST, seed=0)
+    ds = data.load_dataset("cifar100", root=cifar_root, train_per_class=2, test_per_class=1)
+    assert ds.class_names == synth.class_names and ds.superclass_names == synth.superclass_names
+    assert (ds.class_to_superclass == synth.class_to_superclass).all()
+    assert len(ds.train_labels) == 200 and len(ds.test_labels) == 100
+    # every image read back is one of the synthetic images of its class, pixel for pixel
+    for images, labels, source, source_labels in ((ds.train_images, ds.train_labels, synth.train_images,
+                                                    synth.train_labels),
+                                                   (ds.test_images, ds.test_labels, synth.test_images,
+                                                    synth.test_labels)):
+        for image, label in zip(images[::37], labels[::37]):
+            same_class = source[source_labels == label]
+            assert (same_class == image).flatten(1).all(1).any()
+
+
+def course_params():
+    marks = []
+    for path in bookbuild.toc_files(ROOT):
+        src = bookbuild.source_of(ROOT, path)
+        if not bookbuild.is_notebook(src):
+            continue
+        name = src.stem
+        reason = KNOWN_FAILURES.get(name)
+        marks.append(pytest.param(name, marks=[pytest.mark.xfail(reason=reason, strict=False)] if reason else []))
+    return marks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", course_params())
+def test_chapter_executes_in_the_course_profile(chapter, course_chapters):
+    out = course_chapters.executed(chapter)
+    print(f"{chapter} (course, tiny): executed in {course_chapters.seconds[chapter]:.1f} s")
+    nb = json.loads(out.read_text())
+    assert nb["metadata"]["papermill"]["parameters"]["profile"] == "course"
+    text = json.dumps([c.get("outputs", []) for c in nb["cells"]])
+    # the chapter read the fixture through the CIFAR-100 reader, not the synthetic generator
+    assert "CIFAR-100 subset (4 train / 2 test per class" in text, "the chapter's label does not name CIFAR-100"
+    runs = list((course_chapters.home / "runs" / "course").glob("*/metrics.json"))
+    assert runs, "no course-profile run was recorded"
+    assert {json.loads(p.read_text())["config"]["dataset"]["name"] for p in runs} == {"cifar100"}
