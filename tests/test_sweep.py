@@ -41,7 +41,9 @@ def tiny_spec(out, teachers_dir, **changes) -> sweep.GridSpec:
 def tiny_hash() -> str:
     """The override hash of TINY_SET for a distillation run, computed here from the documented scheme:
     sha256 of the sorted JSON of the identity fields the overrides changed (resolved values)."""
-    changed = {"teacher_epochs": TINY["teacher_epochs"], "teacher_milestones": [1, 2, 2],
+    # 150/180/210 of 240 scaled to 2 teacher epochs: 150 -> 1; 180 and 210 fall on or after the last
+    # epoch, where a decay would change nothing, and are dropped (kdlib.config.scaled_milestones)
+    changed = {"teacher_epochs": TINY["teacher_epochs"], "teacher_milestones": [1],
                "test_per_class": TINY["test_per_class"], "train_per_class": TINY["train_per_class"]}
     return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
