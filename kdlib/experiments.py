@@ -206,25 +206,51 @@ def _where(out: Path) -> str:
     return f"record: $KDLIB_HOME/runs/{out.parent.name}/{out.name}"
 
 
+def _lock_path(out: Path) -> Path:
+    """The lock that lets one process train a run while the others wait for it (outside the run's folder,
+    which the engine wants either empty or holding this very run)."""
+    return kconfig.kdlib_home() / "locks" / f"{out.parent.name}-{out.name}.lock"
+
+
+def _train_one(cfg: kconfig.RunConfig, verbose: bool = False) -> Optional[float]:
+    """Train ``cfg`` (or resume it); None when it had already finished. Holds the run's lock."""
+    from kdlib import engine
+    from kdlib.io import file_lock
+
+    out = Path(cfg.out)
+    with file_lock(_lock_path(out)):
+        if _finished(out):
+            engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
+            return None
+        start = time.perf_counter()
+        engine.train(cfg, progress=False, verbose=verbose)
+        return time.perf_counter() - start
+
+
+def _train_in_worker(cfg: kconfig.RunConfig, threads: int) -> Optional[float]:
+    """One run in a worker process of :func:`run_all`'s pool, with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    return _train_one(cfg)
+
+
+def _report(what: str, out: Path, seconds: Optional[float], how: str = "") -> None:
+    if seconds is None:
+        print(f"{what}: reused, finished earlier ({_where(out)})", flush=True)
+    else:
+        print(f"{what}: trained now in {seconds:.0f} s{how} ({_where(out)})", flush=True)
+
+
 def run(setting: Setting, method: str, seed: int, verbose: bool = False, **method_params: Any) -> Path:
     """Train the run (or reuse it when finished, resume it when interrupted); return its directory.
 
     Prints one line: reused, or trained in how many seconds. ``verbose=True`` shows the engine's
-    per-epoch lines.
+    per-epoch lines. Two processes asking for the same run do not both train it: one waits on the
+    run's lock and then reuses it.
     """
-    from kdlib import engine
-
     cfg = setting.config(method, seed, **method_params)
-    out = Path(cfg.out)
     what = method + (f" {method_params}" if method_params else "") + f", seed {seed}"
-    if _finished(out):
-        engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
-        print(f"{what}: reused, finished earlier ({_where(out)})", flush=True)
-        return out
-    start = time.perf_counter()
-    engine.train(cfg, progress=False, verbose=verbose)
-    print(f"{what}: trained now in {time.perf_counter() - start:.0f} s ({_where(out)})", flush=True)
-    return out
+    _report(what, Path(cfg.out), _train_one(cfg, verbose=verbose))
+    return Path(cfg.out)
 
 
 Spec = Union[str, Tuple[str, Mapping[str, Any]]]
@@ -237,20 +263,127 @@ def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
     return method, dict(params or {})
 
 
+def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
+    """How many of ``configs`` :func:`run_all` trains at once: one per CPU core on a CPU-only run, else 1.
+
+    Small CIFAR networks use two cores poorly (on the 2-core book machine one run with 2 threads is
+    ~1.4x faster than with 1, two 1-thread runs side by side ~2x), so independent runs go to worker
+    processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one by one in this process. A run's
+    numbers depend (in the last bits, like any float sum) on its thread count, recorded in its
+    ``metrics.json`` (``segments[].threads``).
+    """
+    import os
+
+    setting = os.environ.get("KDLIB_RUN_WORKERS", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise KDLibError(f"KDLIB_RUN_WORKERS must be a whole number >= 1, not {setting!r}")
+        wanted = int(setting)
+    else:
+        on_gpu = any(str(c.device).startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+                     for c in configs)
+        wanted = 1 if on_gpu else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    return max(1, min(wanted, len(configs)))
+
+
+_POOL: Dict[Tuple, Any] = {}
+
+
+def _pool(workers: int, threads: int):
+    """A process pool kept for the life of this process (a chapter asks for runs several times).
+
+    Workers read ``KDLIB_HOME`` and the other settings from the environment they were started with, so a
+    changed environment gets a new pool.
+    """
+    import atexit
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = (workers, threads, tuple(sorted(os.environ.items())))
+    if key not in _POOL:
+        for old in _POOL.values():
+            old.shutdown(wait=True)
+        _POOL.clear()
+        # spawn, not fork: forking a process whose OpenMP threads have run can hang the child
+        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_POOL[key].shutdown, wait=False, cancel_futures=True)
+    return _POOL[key]
+
+
+def _ensure_teachers(configs: Sequence[kconfig.RunConfig]) -> None:
+    """Train any missing teacher here, with every thread, before workers with one thread each need it."""
+    from kdlib import teachers
+
+    done = set()
+    for cfg in configs:
+        if not cfg.uses_teacher or cfg.teacher_checkpoint:
+            continue
+        path = teachers.teacher_path(cfg)
+        if path in done or path.is_file():
+            continue
+        data = _load_data(cfg.dataset, cfg.data_root, cfg.train_per_class, cfg.test_per_class, cfg.data_seed)
+        teachers.get_teacher(cfg, data, "cpu", verbose=False)
+        done.add(path)
+
+
+def _train_all(todo: Sequence[Tuple[str, kconfig.RunConfig]], verbose: bool) -> None:
+    """Train (or reuse) every ``(what, config)``, several at once where :func:`run_workers` allows."""
+    pending = []
+    for what, cfg in todo:
+        if _finished(Path(cfg.out)):
+            _report(what, Path(cfg.out), _train_one(cfg))
+        else:
+            pending.append((what, cfg))
+    workers = 1 if verbose else run_workers([cfg for _, cfg in pending])
+    if workers == 1:
+        for what, cfg in pending:
+            _report(what, Path(cfg.out), _train_one(cfg, verbose=verbose))
+        return
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    _ensure_teachers([cfg for _, cfg in pending])
+    pool = _pool(workers, threads)
+    futures = {pool.submit(_train_in_worker, cfg, threads): (what, cfg) for what, cfg in pending}
+    from concurrent.futures import as_completed
+
+    try:
+        for future in as_completed(futures):
+            what, cfg = futures[future]
+            _report(what, Path(cfg.out), future.result(),
+                    f" ({workers} runs at a time, {threads} thread{'s' if threads > 1 else ''} each)")
+    except BaseException:
+        # runs not started yet are dropped; a run already training finishes in its worker (its lock keeps
+        # anyone else from training it twice meanwhile) and is reused next time
+        for future in futures:
+            future.cancel()
+        raise
+
+
 def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterable[int]] = None,
             verbose: bool = False) -> RunTables:
     """Run (or reuse) every ``label: (method, params)`` for every seed; the records with a ``label`` column.
 
     ``specs`` values may also be a bare method name. ``seeds`` defaults to ``setting.seeds``. Two labels
-    may name the same run (it is trained once and appears under both labels).
+    may name the same run (it is trained once and appears under both labels). The runs are independent,
+    so on a CPU-only machine they train side by side, one per core (:func:`run_workers`); ``verbose=True``
+    trains them one by one in this process and shows the engine's per-epoch lines.
     """
     seeds = setting.seeds if seeds is None else _seeds(seeds)
-    parts = []
+    todo: Dict[str, Tuple[str, kconfig.RunConfig]] = {}  # out -> (what, config): each run once
+    dirs: Dict[str, list] = {}
     for name, value in specs.items():
         method, params = _spec(value)
-        dirs = [run(setting, method, s, verbose=verbose, **params) for s in seeds]
-        parts.append(_with_label(load_runs(dirs), name))
-    return _concat(parts)
+        dirs[name] = []
+        for s in seeds:
+            cfg = setting.config(method, s, **params)
+            todo.setdefault(cfg.out, (method + (f" {params}" if params else "") + f", seed {s}", cfg))
+            dirs[name].append(Path(cfg.out))
+    _train_all(list(todo.values()), verbose)
+    return _concat([_with_label(load_runs(paths), name) for name, paths in dirs.items()])
 
 
 def load(paths, label: Union[str, Mapping[str, str]] = "auto") -> RunTables:
