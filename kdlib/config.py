@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from kdlib.errors import KDLibError, unknown_name
 
@@ -140,6 +140,9 @@ class RunConfig:
 
         cls = methods.get(self.method)
         params = dict(cls.defaults)
+        if "warmup" in params and isinstance(self.epochs, int):
+            # a warm-up is part of the recipe's shape, like the milestones: 20 of 240 epochs, scaled
+            params["warmup"] = scaled_warmup(self.epochs, params["warmup"])
         if cls.uses_teacher and self.teacher:
             pair = getattr(cls, "pair_defaults", None)
             if pair is not None:
@@ -319,6 +322,20 @@ def scaled_milestones(epochs: int, milestones: Iterable[int] = PAPER_MILESTONES,
             break
         out.append(scaled)
     return out
+
+
+def scaled_warmup(epochs: int, warmup: float = 20, of: int = PAPER_EPOCHS) -> Union[int, float]:
+    """A warm-up of ``warmup`` epochs out of the paper's 240 (DKD, ReKD, AEKT: 20) scaled to ``epochs``.
+
+    An integer when the scaled length is a whole number (20 in the ``paper`` profile, so that run's
+    recipe, and identity, is the papers' ``warmup=20``), else a float rounded to 6 decimals (0.5 epoch
+    in the 6-epoch smoke profile, 1.67 in the 20-epoch course profile). Rounding to whole epochs would
+    make a short run's warm-up 1 epoch, which by epoch is no warm-up at all;
+    :func:`kdlib.methods.base.warmup_factor` ramps a fractional warm-up per step. A warm-up the user sets
+    (``--set warmup=...``) is used as given.
+    """
+    w = warmup * epochs / of
+    return int(w) if float(w).is_integer() else round(w, 6)
 
 
 def kdlib_home() -> Path:

@@ -49,8 +49,9 @@ method and its hyperparameters, models, data, optimiser, seed, teacher recipe). 
 teacher in their identity, so every chapter shares them.
 
 Warm-up. DKD-style methods ramp their distillation weight up over ``warmup`` epochs (20 of the papers'
-240). The book scales that warm-up with the run's length, ``20 * epochs / 240`` epochs without rounding
-(:func:`scaled_warmup`: 0.5 epoch in the 6-epoch smoke profile), and the methods ramp a warm-up that is
+240). Every run's recipe scales that warm-up with the run's length, ``20 * epochs / 240`` epochs without
+rounding (:func:`kdlib.config.scaled_warmup`: 0.5 epoch in the 6-epoch smoke profile), the book as the
+command line and the sweeps, and the methods ramp a warm-up that is
 not a whole number >= 2 of epochs per step (:func:`kdlib.methods.base.warmup_factor`), so a short run's
 warm-up still ramps. A value the chapter passes explicitly is used as given, and the value used is
 recorded in each run's ``metrics.json``. In the ``paper`` profile (240 epochs) this is the paper's 20,
@@ -148,12 +149,13 @@ class Setting:
         return kconfig.make_config(self.profile, method=method, **fields)
 
     def method_params(self, method: str, **method_params: Any) -> Dict[str, Any]:
-        """The hyperparameters the book passes for ``method``: the given ones, plus a scaled warm-up."""
+        """The hyperparameters the book passes for ``method``: the given ones, plus a scaled warm-up
+        (the one every run's recipe gets, :func:`kdlib.config.scaled_warmup`, written out in the config)."""
         from kdlib import methods
 
         params = dict(method_params)
         if "warmup" in methods.get(method).defaults and "warmup" not in params:
-            params["warmup"] = scaled_warmup(self.epochs)
+            params["warmup"] = scaled_warmup(self.epochs, methods.get(method).defaults["warmup"])
         return params
 
     def config(self, method: str, seed: int, **method_params: Any) -> kconfig.RunConfig:
@@ -168,16 +170,9 @@ class Setting:
 
 
 def scaled_warmup(epochs: int, warmup: int = PAPER_WARMUP, of: int = kconfig.PAPER_EPOCHS) -> Union[int, float]:
-    """The papers' warm-up (20 of 240 epochs) scaled to ``epochs``, in epochs, not rounded.
-
-    An integer when the scaled length is a whole number (20 in the ``paper`` profile, so that run's
-    recipe, and identity, is the papers' ``warmup=20``), else a float rounded to 6 decimals (0.5 epoch
-    in the 6-epoch smoke profile). Rounding to whole epochs would make a short run's warm-up 1 epoch,
-    which by epoch is no warm-up at all; :func:`kdlib.methods.base.warmup_factor` ramps a fractional
-    warm-up per step.
-    """
-    w = warmup * epochs / of
-    return int(w) if float(w).is_integer() else round(w, 6)
+    """The papers' warm-up (20 of 240 epochs) scaled to ``epochs`` (:func:`kdlib.config.scaled_warmup`,
+    which every run's recipe applies to a warm-up it does not set)."""
+    return kconfig.scaled_warmup(epochs, warmup, of)
 
 
 def _directory(cfg: kconfig.RunConfig) -> Path:

@@ -84,6 +84,20 @@ def test_warmup_is_scaled_with_the_run_length():
     assert "warmup" not in s.config("kd", 0).method_params
 
 
+@pytest.mark.parametrize("method", ["dkd", "rekd", "aekt"])
+def test_every_run_scales_the_warmup_not_only_the_books(method):
+    """The command line and the sweeps build configs without the book's Setting: same scaled warm-up."""
+    course = kconfig.make_config("course", method=method).resolved()
+    assert course.epochs == 20 and course.method_params["warmup"] == pytest.approx(20 * 20 / 240, abs=1e-6)
+    paper = kconfig.make_config("paper", method=method).resolved()
+    assert paper.method_params["warmup"] == 20 and isinstance(paper.method_params["warmup"], int)
+    chosen = kconfig.make_config("course", method=method, method_params={"warmup": 7}).resolved()
+    assert chosen.method_params["warmup"] == 7  # what the user sets wins
+    # the book's explicit value and the recipe's own are the same run (same identity, same directory)
+    smoke = kconfig.make_config("smoke", method=method)
+    assert smoke.identity_hash() == smoke.replace(method_params={"warmup": 0.5}).identity_hash()
+
+
 def test_label_names_dataset_profile_pair_and_seeds():
     s = tiny_setting(seeds=[0, 1])
     text = ex.label(s)
