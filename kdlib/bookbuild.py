@@ -12,6 +12,15 @@ is tagged ``remove-cell`` so readers do not see it twice: the values are in each
 ``--pdf`` builds ``_build/latex/book.pdf`` with Jupyter Book's LaTeX builder from the executed copies,
 re-executing only the chapters whose executed copy is missing, older than its source or was run with
 other parameters.
+
+Chapters run side by side. The first chapter (the benchmark, which trains the shared teacher) and the
+last (the comparison, which reads every other chapter's runs) execute alone, with every core; the ones
+in between execute ``--jobs`` at a time (default: one per core), each in its own process with one torch
+thread and its runs trained one by one (``KDLIB_RUN_WORKERS=1``), so one chapter's analyses overlap
+another's training. Runs two chapters share are trained once (each run has a lock, see
+:mod:`kdlib.experiments`). The longest chapters start first: by the time the last build took, else by
+the ``kdlib: build_seconds:`` estimate in the chapter's front matter. ``--jobs 1`` executes the chapters
+one after the other.
 """
 from __future__ import annotations
 
@@ -242,6 +251,67 @@ def is_up_to_date(src: Path, dst: Path, parameters: Dict) -> bool:
             and executed_parameters(dst) == parameters)
 
 
+def expected_seconds(src: Path, dst: Path) -> float:
+    """How long ``src`` is expected to execute: the last build's time (papermill's record in ``dst``), else
+    the estimate in its front matter (``kdlib: build_seconds: N``), else 0."""
+    import nbformat
+
+    try:
+        return float(nbformat.read(dst, as_version=4).metadata["papermill"]["duration"])
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    try:
+        return float(read_notebook(src).metadata.get("kdlib", {}).get("build_seconds", 0))
+    except (AttributeError, ValueError, TypeError):
+        return 0.0
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namespace, jobs: int) -> None:
+    """Execute ``names`` (longest first) ``jobs`` at a time, each by ``kdlib book --only`` in a process of
+    its own with ``cores // jobs`` torch threads; a failure stops the build with the chapter's log."""
+    staging = root / STAGING
+    logs = root / "_build" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    order = sorted(names, key=lambda n: -expected_seconds(source_of(root, n), staging / f"{n}.ipynb"))
+    threads = max(1, _cores() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "KDLIB_RUN_WORKERS": "1"}
+    base = [sys.executable, "-m", "kdlib", "book", "--root", str(root), "--profile", args.profile, "--no-stage"]
+    for name, value in args.parameter:
+        base += ["-p", name, value]
+    pending, running = list(order), {}
+    print(f"executing {len(order)} chapters, {jobs} at a time with {threads} thread{'s' if threads > 1 else ''} "
+          f"each: {', '.join(order)}", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                log = open(logs / f"{Path(name).name}.log", "w")
+                proc = subprocess.Popen(base + ["--only", name], cwd=root, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, text=True)
+                running[name] = (proc, log, time.perf_counter())
+            time.sleep(0.5)
+            for name, (proc, log, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    tail = (logs / f"{Path(name).name}.log").read_text().strip().splitlines()[-15:]
+                    raise KDLibError(f"chapter {name} failed (log: {logs / Path(name).name}.log):\n"
+                                     + "\n".join(tail))
+                print(f"  {name}: {time.perf_counter() - start:.0f} s (side by side)", flush=True)
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="smoke", help="smoke (offline, CI), course or paper")
     parser.add_argument("--only", action="append", metavar="CHAPTER",
@@ -256,6 +326,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folder holding cifar-100-python/ (sets KDLIB_DATA for the chapters)")
     parser.add_argument("--student-copies", metavar="DIR", help="write chapters without outputs and solutions to DIR")
     parser.add_argument("--root", default=".", help="the repository (holds _toc.yml and book/)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="chapters executed side by side between the first and the last (default: one "
+                             "per CPU core; 1: one after the other)")
+    parser.add_argument("--no-stage", action="store_true", help=argparse.SUPPRESS)  # a side-by-side chapter
+
+
+def _execute_here(root: Path, staging: Path, name: str, parameters: Dict, profile: str) -> None:
+    print(f"executing {name} ({profile}) ...", flush=True)
+    seconds = execute_chapter(source_of(root, name), staging / f"{name}.ipynb", parameters,
+                              cwd=(staging / name).parent)
+    print(f"  {name}: {seconds:.0f} s", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -282,20 +363,31 @@ def run(args: argparse.Namespace) -> int:
             raise KDLibError(f"unknown chapter {sorted(unknown)[0]!r}; chapters: "
                              + ", ".join(Path(n).name for n in names))
         names = [n for n in names if n in wanted]
+    if args.jobs is not None and args.jobs < 1:  # before any work
+        raise KDLibError(f"--jobs must be at least 1, not {args.jobs}")
     staging.mkdir(parents=True, exist_ok=True)
-    stage(root, staging)
+    if not args.no_stage:
+        stage(root, staging)
     total = time.perf_counter()
+    todo = []
     for name in names:
         src = source_of(root, name)
         if not is_notebook(src):
             continue
-        dst = staging / f"{name}.ipynb"
-        if args.pdf and is_up_to_date(src, dst, parameters):
+        if args.pdf and is_up_to_date(src, staging / f"{name}.ipynb", parameters):
             print(f"{name}: executed copy is up to date", flush=True)
             continue
-        print(f"executing {name} ({args.profile}) ...", flush=True)
-        seconds = execute_chapter(src, dst, parameters, cwd=(staging / name).parent)
-        print(f"  {name}: {seconds:.0f} s", flush=True)
+        todo.append(name)
+    jobs = args.jobs or _cores()
+    # the first chapter trains the shared teacher and the last reads every run: they run alone
+    alone_first, side_by_side, alone_last = (todo[:1], todo[1:-1], todo[-1:]) if jobs > 1 and len(todo) >= 4 \
+        else (todo, [], [])
+    for name in alone_first:
+        _execute_here(root, staging, name, parameters, args.profile)
+    if side_by_side:
+        _execute_in_subprocesses(root, side_by_side, args, jobs)
+    for name in alone_last:
+        _execute_here(root, staging, name, parameters, args.profile)
     print(f"chapters executed in {time.perf_counter() - total:.0f} s")
     if args.only or args.no_html:
         return 0
