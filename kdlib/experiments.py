@@ -285,6 +285,14 @@ def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
 _POOL: Dict[Tuple, Any] = {}
 
 
+def _worker_ignores_interrupts() -> None:
+    """Ctrl-C, or a notebook server stopping its kernel's process group, is for the kernel: the kernel
+    cancels what has not started and the pool's workers exit when it goes (no traceback from each)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool(workers: int, threads: int):
     """A process pool kept for the life of this process (a chapter asks for runs several times).
 
@@ -302,7 +310,8 @@ def _pool(workers: int, threads: int):
             old.shutdown(wait=True)
         _POOL.clear()
         # spawn, not fork: forking a process whose OpenMP threads have run can hang the child
-        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_ignores_interrupts)
         atexit.register(_POOL[key].shutdown, wait=False, cancel_futures=True)
     return _POOL[key]
 

@@ -94,3 +94,12 @@ def test_a_run_two_processes_ask_for_is_trained_once(tmp_path):
     assert lines.count("trained now") == 1 and lines.count("reused") == 1
     runs = list((tmp_path / "runs" / "smoke").iterdir())
     assert len(runs) == 1 and json.loads((runs[0] / "metrics.json").read_text())["final"]
+
+
+@pytest.mark.slow
+def test_pool_workers_leave_interrupts_to_the_kernel():
+    """A notebook server stopping a kernel signals its process group: the workers must not each print a
+    KeyboardInterrupt traceback into the build's log (they exit when the kernel goes)."""
+    import signal
+
+    assert ex._pool(1, 1).submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
