@@ -18,7 +18,7 @@ L_cla and L_cc are batch statistics (they depend on the batch size, 64 in the re
 The default is these equations literally: ``normalization="vector_sum"`` (L_ins and L_cla as written, a
 squared distance per vector averaged over vectors) with ``variant="streamlined"`` (the L_cc of the
 "Streamlined KD" group's re-implementation, HyunJunSik/StreamLined ``Distiller/CLKD.py``, CVPR 2026).
-Chosen (methods.md 3.2 lets the scale be picked, if stated) because it trains in a short run: measured in
+Chosen (the reconstruction leaves the scale open; this one is stated) because it trains in a short run: measured in
 the book's smoke profile (synthetic data, resnet20 -> resnet8, 6 epochs, lr 0.05) it ends at 59.30 %
 (seed 0) and 61.20 % (seed 1) against the vanilla student's 58.00 % and 59.65 % (CLKD chapter,
 2026-11-26), while the StreamLined code exactly ends at 18-21 % (seeds 0 and 1). That code is
