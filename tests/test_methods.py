@@ -50,8 +50,8 @@ def test_defaults_follow_methods_md():
     assert (rekd["k"], rekd["alpha"], rekd["beta"], rekd["temperature"], rekd["warmup"], rekd["ce_weight"],
             rekd["topk_source"], rekd["include_binary_term"]) == (3, 1.0, 8.0, 4.0, 20, 1.0, "student", False)
     clkd = build("clkd").hparams
-    assert (clkd["ce_weight"], clkd["kd_weight"], clkd["cla_weight"], clkd["cc_weight"], clkd["corr"]) == \
-        (0.1, 0.5, 2.0, 0.4, "cov")
+    assert (clkd["ce_weight"], clkd["kd_weight"], clkd["cla_weight"], clkd["cc_weight"], clkd["corr"],
+            clkd["variant"], clkd["normalization"]) == (0.1, 0.5, 2.0, 0.4, "cov", "streamlined", "vector_sum")
     cwkd = build("cwkd").hparams
     assert (cwkd["temperature"], cwkd["ce_weight"], cwkd["kd_weight"], cwkd["num_hard"], cwkd["gamma_h"]) == \
         (4.0, 0.1, 0.9, 10, 1.0)
@@ -222,13 +222,13 @@ def test_cwkd_state_dict_round_trip():
 def test_clkd_terms():
     m = build("clkd", variant="recon")
     terms = m(S, T_, Y, step())
-    torch.testing.assert_close(terms["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_))
-    torch.testing.assert_close(terms["loss_cla"], 0.5 * 2.0 * L.clkd_class_loss(S, T_))
+    torch.testing.assert_close(terms["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_, "vector_sum"))
+    torch.testing.assert_close(terms["loss_cla"], 0.5 * 2.0 * L.clkd_class_loss(S, T_, "vector_sum"))
     torch.testing.assert_close(terms["loss_cc"], 0.4 * L.class_correlation_loss(S, T_, "cov"))
     torch.testing.assert_close(terms["loss_ce"], 0.1 * F.cross_entropy(S, Y))
-    gram = build("clkd", variant="recon", corr="gram", normalization="vector_sum")(S, T_, Y, step())
+    gram = build("clkd", variant="recon", corr="gram", normalization="element_mean")(S, T_, Y, step())
     torch.testing.assert_close(gram["loss_cc"], 0.4 * L.class_correlation_loss(S, T_, "gram"))
-    torch.testing.assert_close(gram["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_, "vector_sum"))
+    torch.testing.assert_close(gram["loss_ins"], 0.5 * L.clkd_instance_loss(S, T_, "element_mean"))
 
 
 # -- ReKD ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The wider logit family (DIST, NKD, CTKD, MLKD, logit standardisation) and CLKD's StreamLined variant.
+"""The wider logit family (DIST, NKD, CTKD, MLKD, logit standardisation) and CLKD (default and StreamLined code).
 
 Each reference below is a float64 re-statement of the authors' formula written here from the equations
 (methods.md 2.3-2.7, the issue's notes), independently of ``kdlib.losses``: plain softmaxes, explicit
@@ -303,26 +303,72 @@ def test_ls_settings_per_pair():
         ls_settings("dist", "resnet56", "resnet20")
 
 
-# -- CLKD, StreamLined variant --------------------------------------------------------------------
-def clkd_streamlined_ref(zs, zt, y):
+# -- CLKD: the default (methods.md 3.2's equations + StreamLined L_cc) and the StreamLined code exactly ---
+def unit_rows(z):
+    return torch.stack([row / torch.sqrt((row * row).sum()) for row in z])
+
+
+def clkd_ref(zs, zt, y, per_vector):
+    """lambda CE + mu (L_ins + beta L_cla) + nu L_cc with L_cc = ||M^s - M^t||_F / C^2, M = Z_c^T Z_c / (C - 1).
+    ``per_vector``: L_ins, L_cla as methods.md 3.2 writes them (squared distance of each unit row / column,
+    averaged over rows / columns); otherwise the StreamLined code's F.mse_loss, an element mean."""
     n, c = zs.shape
 
-    def nmse(a, b):
-        return ((a / a.norm(dim=1, keepdim=True) - b / b.norm(dim=1, keepdim=True)) ** 2).mean()
+    def dist(a, b):
+        sq = (unit_rows(a) - unit_rows(b)) ** 2
+        return sq.sum(1).mean() if per_vector else sq.sum() / sq.numel()
 
     def m(z):
         d = z - z.mean(0, keepdim=True)
         return d.t() @ d / (c - 1)
     cc = torch.sqrt(((m(zs) - m(zt)) ** 2).sum()) / c**2
-    return 0.1 * ce(zs, y) + 0.5 * (nmse(zs, zt) + 2.0 * nmse(zs.t(), zt.t())) + 0.4 * cc
+    return 0.1 * ce(zs, y) + 0.5 * (dist(zs, zt) + 2.0 * dist(zs.t(), zt.t())) + 0.4 * cc
 
 
-def test_clkd_default_is_the_streamlined_reimplementation():
-    m = build("clkd")
-    assert m.hparams["variant"] == "streamlined"
-    assert total(m(S, T, Y, ctx())).item() == pytest.approx(clkd_streamlined_ref(S, T, Y).item(), rel=1e-12)
-    torch.testing.assert_close(grad_of(lambda z: total(m(z, T, Y, ctx())), S),
-                               grad_of(lambda z: clkd_streamlined_ref(z, T, Y), S), rtol=1e-9, atol=1e-12)
+def clkd_grad(zs, zt, y, per_vector):
+    """The same loss's gradient by hand: d||u - t||^2/dz = -2/||z|| (t - (u.t) u) per row / column,
+    (softmax - onehot)/B for the CE, and 2 Z_c D / ((C - 1) ||D||_F C^2) for L_cc (D = M^s - M^t)."""
+    n, c = zs.shape
+
+    def rows(z, t):
+        norm = z.norm(dim=1, keepdim=True)
+        u, v = z / norm, t / t.norm(dim=1, keepdim=True)
+        return -2 / norm * (v - (u * v).sum(1, keepdim=True) * u)
+    ins = rows(zs, zt) / (n if per_vector else n * c)
+    cla = rows(zs.t(), zt.t()).t() / (c if per_vector else c * n)
+    g_ce = (softmax(zs) - F.one_hot(y, c).double()) / n
+    ds, dt = zs - zs.mean(0), zt - zt.mean(0)
+    d = (ds.t() @ ds - dt.t() @ dt) / (c - 1)
+    g_cc = 2 * ds @ d / ((c - 1) * d.norm() * c**2)
+    return 0.1 * g_ce + 0.5 * (ins + 2.0 * cla) + 0.4 * g_cc
+
+
+def test_clkd_default_hyperparameters():
+    hp = build("clkd").hparams
+    assert (hp["variant"], hp["normalization"], hp["corr"]) == ("streamlined", "vector_sum", "cov")
+    assert (hp["ce_weight"], hp["kd_weight"], hp["cla_weight"], hp["cc_weight"]) == (0.1, 0.5, 2.0, 0.4)
+
+
+@pytest.mark.parametrize("hp,per_vector", [({}, True),  # the default: methods.md's equations
+                                           ({"variant": "streamlined", "normalization": "element_mean"}, False)],
+                         ids=["default-vector_sum", "streamlined-code-element_mean"])
+def test_clkd_equals_its_restatement_value_and_gradient(hp, per_vector):
+    m = build("clkd", **hp)
+    assert total(m(S, T, Y, ctx())).item() == pytest.approx(clkd_ref(S, T, Y, per_vector).item(), rel=1e-12)
+    autograd = grad_of(lambda z: total(m(z, T, Y, ctx())), S)
+    torch.testing.assert_close(autograd, grad_of(lambda z: clkd_ref(z, T, Y, per_vector), S), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(autograd, clkd_grad(S, T, Y, per_vector), rtol=1e-9, atol=1e-12)
+
+
+def test_clkd_element_mean_divides_the_terms_by_c_and_b():
+    """The two normalisations differ exactly by the factors the chapter names (C for L_ins, B for L_cla)."""
+    a, b = build("clkd")(S, T, Y, ctx()), build("clkd", normalization="element_mean")(S, T, Y, ctx())
+    assert a["loss_ins"].item() == pytest.approx(C * b["loss_ins"].item(), rel=1e-12)
+    assert a["loss_cla"].item() == pytest.approx(B * b["loss_cla"].item(), rel=1e-12)
+    assert (a["loss_ce"].item(), a["loss_cc"].item()) == (b["loss_ce"].item(), b["loss_cc"].item())
+
+
+def test_clkd_streamlined_cc_is_finite_where_student_and_teacher_agree():
     # the unsquared norm is finite with a zero gradient where student and teacher agree
     z = T.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(L.streamlined_correlation_loss(z, T), z)
