@@ -18,10 +18,11 @@ L_cla and L_cc are batch statistics (they depend on the batch size, 64 in the re
 The default is these equations literally: ``normalization="vector_sum"`` (L_ins and L_cla as written, a
 squared distance per vector averaged over vectors) with ``variant="streamlined"`` (the L_cc of the
 "Streamlined KD" group's re-implementation, HyunJunSik/StreamLined ``Distiller/CLKD.py``, CVPR 2026).
-Chosen (the reconstruction leaves the scale open; this one is stated) because it trains in a short run: measured in
-the book's smoke profile (synthetic data, resnet20 -> resnet8, 6 epochs, lr 0.05) it ends at 59.30 %
-(seed 0) and 61.20 % (seed 1) against the vanilla student's 58.00 % and 59.65 % (CLKD chapter,
-2026-11-26), while the StreamLined code exactly ends at 18-21 % (seeds 0 and 1). That code is
+Chosen (the reconstruction leaves the scale open; this one is stated) because it trains in a short run:
+when the choice was made (2026-11-26, the smoke profile: synthetic data, resnet20 -> resnet8, 6 epochs,
+lr 0.05, two torch threads) it ended at 59.30 % (seed 0) and 61.20 % (seed 1) against the vanilla
+student's 58.00 % and 59.65 %, while the StreamLined code exactly ended at 18-21 % (seeds 0 and 1); the
+CLKD chapter shows the numbers of the build you are reading. That code is
 ``variant="streamlined", normalization="element_mean"``: ``F.mse_loss`` element means, which divide L_ins
 by C and L_cla by B relative to the equations, so their gradients are C and B times smaller, and with
 lambda = 0.1 the labels give a tenth of the usual signal: 6 epochs barely move the student (undertrained,
@@ -30,7 +31,7 @@ not collapsed; the StreamLined group's CIFAR-100 script trains 250 epochs at lr 
 ``variant="recon"`` is kdlib's first reading of L_cc (:math:`\frac{1}{C^2}\|M^s - M^t\|_F^2`, squared, of
 the B - 1 covariance; ``corr`` in {cov, gram, sample}, see :func:`kdlib.losses.class_correlation_loss`),
 kept for the ablation: in the smoke profile its weighted L_cc is ~40x the cross-entropy term in the first
-epoch and the run ends near chance (2.45 %, seed 0, with this default's normalisation).
+epoch and the run ended near chance (2.45 %, seed 0, with this default's normalisation, same date).
 The StreamLined README's CIFAR-100 numbers are that group's re-runs, not the CLKD paper's.
 Terms: ``loss_ce``, ``loss_ins`` (mu), ``loss_cla`` (mu * beta), ``loss_cc`` (nu).
 """
