@@ -345,6 +345,59 @@ class _Fast:
         sums.read()  # the engine reads its sums once per epoch (a host synchronisation)
 
 
+# -- per-method step cost ------------------------------------------------------------------------------
+def method_step_seconds(specs: Dict[str, Any], teacher: nn.Module, student: str, dataset,
+                        device: torch.device, batch_size: int = 64, steps: int = 10, repeats: int = 3,
+                        seed: int = 0) -> Dict[str, float]:
+    """Median seconds of one whole training step of the engine (:class:`kdlib.engine.TrainingStep`) for
+    each ``label: (method, hyperparameters)`` (or ``label: method``, as :func:`kdlib.experiments.run_all`
+    takes them), under equal conditions: the live teacher for every method
+    (no teacher-logit cache), the same batches, a fresh student per method, the methods timed in turn
+    (``repeats`` rounds of ``steps`` steps after one warm-up step each) in this process.
+
+    Unlike the epoch times a run records, this does not depend on which run filled the cache or what
+    trained beside it; unlike :func:`method_overheads` it includes what a method adds outside its loss
+    (MLKD's second view through student and teacher, its strong augmentation).
+    """
+    from kdlib import engine, methods, models
+    from kdlib.methods.base import StepContext
+    from kdlib.teacher_logits import LiveTeacher
+
+    images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
+    steps_per_epoch = max(1, int(images.shape[0]) // batch_size)
+    live = LiveTeacher(teacher.to(device).eval(), device)
+    runners = {}
+    for label, spec in specs.items():
+        name, params = (spec, {}) if isinstance(spec, str) else spec
+        torch.manual_seed(seed)
+        net = models.create(student, num_classes=dataset.num_classes).to(device)
+        net = net.to(memory_format=torch.channels_last)
+        method = methods.build(name, **dict(params)).to(device)
+        optimizer = torch.optim.SGD(list(net.parameters()) + list(method.parameters()), lr=0.05, momentum=0.9,
+                                    weight_decay=5e-4)
+        step = engine.TrainingStep(images_u8=images, labels=labels, forward=net, method=method,
+                                   optimizer=optimizer, teacher_logits=live if method.uses_teacher else None,
+                                   teacher=teacher if method.uses_teacher else None, device=device, amp="none",
+                                   channels_last=True)
+        runners[label] = step
+    perm = torch.randperm(int(images.shape[0]), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def run(step, n):
+        gen = engine.epoch_generator(seed, 1, 2, device=device)
+        for s in range(n):
+            idx = perm[(s % steps_per_epoch) * batch_size:(s % steps_per_epoch + 1) * batch_size]
+            step(idx, gen, StepContext(epoch=1, step=s % steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                                       epochs=1, indices=idx, progress=(s + 1) / steps_per_epoch))
+
+    for step in runners.values():  # warm-up: first calls allocate and pick kernels
+        run(step, 1)
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for label, step in runners.items():
+            times[label].append(_timed(device, lambda step=step: run(step, steps)) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # -- per-method loss cost ------------------------------------------------------------------------------
 def method_overheads(device: torch.device, batch_size: int = 64, num_classes: int = 100, iters: int = 100,
                      repeats: int = 5, seed: int = 0) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 command runs and reports every required figure. Correctness only: no test looks at a speed."""
 from __future__ import annotations
 
+import math
 import json
 import os
 import subprocess
@@ -113,3 +114,27 @@ def test_bench_refuses_bad_arguments(capsys):
     assert "TEACHER:STUDENT" in capsys.readouterr().err
     assert main(["bench", "--pair", "resnet8:nonet"]) == 2
     assert main(["bench", "--steps", "0"]) == 2
+
+
+def test_method_step_seconds_times_every_method_with_the_live_teacher():
+    """Equal conditions: every method's step calls the live teacher (no cache), MLKD once more for its
+    second view; vanilla never. Values are positive times, one per label (no threshold on their size)."""
+    from kdlib import models
+    from kdlib.bench import method_step_seconds
+    from kdlib.data import load_dataset
+
+    data = load_dataset("synthetic", train_per_class=2, test_per_class=1)
+    teacher = models.create("resnet8", num_classes=100).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    calls = []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    specs = {"vanilla": "vanilla", "KD": "kd", "KD T=2": ("kd", {"temperature": 2.0}), "MLKD": "mlkd"}
+    counts = {}
+    for label, spec in specs.items():
+        calls.clear()
+        times = method_step_seconds({label: spec}, teacher, "resnet8", data, torch.device("cpu"), steps=2, repeats=2)
+        assert list(times) == [label] and times[label] > 0 and math.isfinite(times[label])
+        counts[label] = len(calls)
+    steps = 1 + 2 * 2  # one warm-up step, then two rounds of two
+    assert counts == {"vanilla": 0, "KD": steps, "KD T=2": steps, "MLKD": 2 * steps}
