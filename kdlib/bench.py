@@ -363,9 +363,14 @@ def method_step_seconds(specs: Dict[str, Any], teacher: nn.Module, student: str,
     from kdlib.methods.base import StepContext
     from kdlib.teacher_logits import LiveTeacher
 
+    from kdlib.precision import resolve_amp
+
     images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
     steps_per_epoch = max(1, int(images.shape[0]) // batch_size)
-    live = LiveTeacher(teacher.to(device).eval(), device)
+    # the precision a run of the book gets here: the engine's default, the teacher float32 on a CPU
+    amp = resolve_amp("auto", device)
+    teacher_amp = amp if device.type == "cuda" else "none"
+    live = LiveTeacher(teacher.to(device).eval(), device, teacher_amp)
     runners = {}
     for label, spec in specs.items():
         name, params = (spec, {}) if isinstance(spec, str) else spec
@@ -377,8 +382,8 @@ def method_step_seconds(specs: Dict[str, Any], teacher: nn.Module, student: str,
                                     weight_decay=5e-4)
         step = engine.TrainingStep(images_u8=images, labels=labels, forward=net, method=method,
                                    optimizer=optimizer, teacher_logits=live if method.uses_teacher else None,
-                                   teacher=teacher if method.uses_teacher else None, device=device, amp="none",
-                                   channels_last=True)
+                                   teacher=teacher if method.uses_teacher else None, device=device, amp=amp,
+                                   channels_last=True, teacher_amp=teacher_amp)
         runners[label] = step
     perm = torch.randperm(int(images.shape[0]), generator=torch.Generator().manual_seed(seed)).to(device)
 

@@ -86,11 +86,8 @@ class RunConfig:
     # -- execution
     out: Optional[str] = None
     device: str = "auto"  # auto: cuda when available, else cpu
-    # amp, auto: bf16 autocast for a CUDA-graphed step, none (fp32) for an eager step and on CPU; losses
-    # are always float32. Why (kdlib.precision.resolve_amp): at batch 64 the eager step is launch-bound
-    # and the casts add launches, so on one H200 eager bf16 was slower than eager fp32, and graphed bf16
-    # faster than graphed fp32 (shared/gpu-notes.md section 2, measured by a colleague at commit 3af8530;
-    # the issue-12 change that made this the default had no GPU and did not re-measure it).
+    # amp, auto: bf16 autocast for a CUDA-graphed step and on a CPU with native bf16 (AVX-512-BF16/AMX),
+    # none (fp32) otherwise; losses are always float32. Why, with measurements: kdlib.precision.resolve_amp.
     amp: str = "auto"
     channels_last: bool = True
     eval_batch_size: int = 256

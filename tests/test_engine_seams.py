@@ -127,7 +127,10 @@ def test_graph_option_resolves_and_is_not_part_of_the_run_identity(tiny_config, 
 def test_amp_auto_is_bf16_only_for_a_graphed_cuda_step():
     assert engine.resolve_amp("auto", torch.device("cuda"), graph=True) == "bf16"
     assert engine.resolve_amp("auto", torch.device("cuda"), graph=False) == "none"
-    assert engine.resolve_amp("auto", torch.device("cpu"), graph=False) == "none"
+    from kdlib.precision import cpu_has_native_bf16
+
+    assert engine.resolve_amp("auto", torch.device("cpu"), graph=False) == ("bf16" if cpu_has_native_bf16() else "none")
+    assert engine.resolve_amp("none", torch.device("cpu")) == "none"
     assert engine.resolve_amp("bf16", torch.device("cpu")) == "bf16"
 
 

@@ -233,17 +233,21 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     forward_student = compile_student(student, device, cfg.compile)
     if cfg.compile and forward_student is student:
         log(f"[{name}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
-    teacher_logits: Optional[Callable] = LiveTeacher(teacher, device, amp) if teacher is not None else None
+    # the teacher's logits stay float32 on a CPU even when the student trains in bf16: oneDNN's bf16
+    # logits of a sample depend on the rest of its batch, so a cache filled in other batches would no
+    # longer equal the live teacher (kdlib.logit_cache, "Fidelity"); the teacher is a forward pass only
+    teacher_amp = amp if device.type == "cuda" else "none"
+    teacher_logits: Optional[Callable] = LiveTeacher(teacher, device, teacher_amp) if teacher is not None else None
     # the exact teacher-logit cache (kdlib.logit_cache) replaces the live teacher where it pays
     cache_plan = logit_cache.plan(cfg.teacher_cache, uses_teacher=teacher is not None,
                                   num_images=int(dataset.train_images.shape[0]), num_classes=C,
-                                  device=device, amp=amp, dtype=cfg.teacher_cache_dtype)
+                                  device=device, amp=teacher_amp, dtype=cfg.teacher_cache_dtype)
     if graph and cfg.teacher_cache == "auto" and cache_plan["mode"] == "lazy":
         # a graph cannot fill a lazy cache (a miss needs the host): fill it up front, once per teacher and
         # data, shared by every run (see RunConfig.graph; decided from gpu-notes, not measured here)
         cache_plan.update(mode="full", reason=cache_plan["reason"] + "; graph mode fills it up front")
     cache, cache_record = logit_cache.open_for_run(cache_plan, teacher, teacher_logits, dataset,
-                                                   teacher_name=str(cfg.teacher), device=device, amp=amp,
+                                                   teacher_name=str(cfg.teacher), device=device, amp=teacher_amp,
                                                    channels_last=channels_last, progress=opening.bars)
     if cache is not None:
         if graph and not cache.capturable:
@@ -259,7 +263,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
 
     step = TrainingStep(images_u8=dataset.train_images, labels=dataset.train_labels, forward=forward_student,
                         method=method, optimizer=optimizer, teacher_logits=teacher_logits, teacher=teacher,
-                        device=device, amp=amp, channels_last=channels_last)
+                        device=device, amp=amp, channels_last=channels_last, teacher_amp=teacher_amp)
     if graph:
         blockers = graph_blockers(method, teacher_logits, bool(cfg.compile))
         if blockers:

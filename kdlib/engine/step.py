@@ -158,7 +158,7 @@ class TrainingStep:
 
     def __init__(self, *, images_u8: Tensor, labels: Tensor, forward: nn.Module, method: nn.Module,
                  optimizer: torch.optim.Optimizer, teacher_logits: Optional[Callable], teacher: Optional[nn.Module],
-                 device: torch.device, amp: str, channels_last: bool):
+                 device: torch.device, amp: str, channels_last: bool, teacher_amp: Optional[str] = None):
         from kdlib.data import CIFAR100_MEAN, CIFAR100_STD
 
         self.images_u8, self.labels = images_u8, labels
@@ -166,7 +166,9 @@ class TrainingStep:
         self.teacher_logits, self.device, self.amp, self.channels_last = teacher_logits, device, amp, channels_last
         self.extra_views: Dict[str, Callable] = dict(getattr(method, "extra_views", {}) or {})
         # extra views always see the live teacher (the exact cache holds only the normal view's logits)
-        self.view_teacher = LiveTeacher(teacher, device, amp) if teacher is not None and self.extra_views else None
+        # ``teacher_amp``: the teacher's precision when it differs from the student's (float32 on a CPU)
+        self.view_teacher = (LiveTeacher(teacher, device, amp if teacher_amp is None else teacher_amp)
+                             if teacher is not None and self.extra_views else None)
         self.mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1)
         self.cache_autocast = True
