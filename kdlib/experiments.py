@@ -258,12 +258,18 @@ def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
     return method, dict(params or {})
 
 
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
     """How many of ``configs`` :func:`run_all` trains at once: one per CPU core on a CPU-only run, else 1.
 
-    Small CIFAR networks use two cores poorly (on the 2-core book machine one run with 2 threads is
-    ~1.4x faster than with 1, two 1-thread runs side by side ~2x), so independent runs go to worker
-    processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one by one in this process. A run's
+    Small CIFAR networks use two cores poorly (on the 2-core book machine, idle, two smoke runs took
+    58-63 s one after the other with 2 threads and 48.5 s side by side with 1 thread each: 1.25x), so
+    independent runs go to worker processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one by one in this process. A run's
     numbers depend (in the last bits, like any float sum) on its thread count, recorded in its
     ``metrics.json`` (``segments[].threads``).
     """
@@ -277,8 +283,7 @@ def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
     else:
         on_gpu = any(str(c.device).startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
                      for c in configs)
-        wanted = 1 if on_gpu else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else (os.cpu_count() or 1)
+        wanted = 1 if on_gpu else _cores()
     return max(1, min(wanted, len(configs)))
 
 
@@ -345,10 +350,7 @@ def _train_all(todo: Sequence[Tuple[str, kconfig.RunConfig]], verbose: bool) -> 
         for what, cfg in pending:
             _report(what, Path(cfg.out), _train_one(cfg, verbose=verbose))
         return
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
+    threads = max(1, _cores() // workers)
     _ensure_teachers([cfg for _, cfg in pending])
     pool = _pool(workers, threads)
     futures = {pool.submit(_train_in_worker, cfg, threads): (what, cfg) for what, cfg in pending}
