@@ -1,9 +1,9 @@
-"""``python -m kdlib sweep``: a grid of methods x teacher/student pairs x seeds, run as jobs, summarised.
+"""``python -m kdlib sweep``: a grid of methods x teacher/student pairs x seeds, run, summarised.
 
 Examples::
 
     python -m kdlib sweep --methods kd,dkd --pairs resnet20:resnet8 --seeds 0,1 --dataset synthetic \\
-        --epochs 1 --executor local --workers 2 --out sweeps/tiny
+        --epochs 1 --executor local --workers 2
     python -m kdlib sweep --config paper --executor slurm --slurm-partition gpu --out sweeps/paper \\
         --teacher-checkpoint-dir download_ckpts/cifar_teachers
     python -m kdlib sweep --summarize-only --out sweeps/paper
@@ -14,32 +14,27 @@ What happens, in order:
    grid in ``kdlib/grids/``: ``paper``, ``course``, ``smoke``), or both; flags win over the file and
    ``--set`` items are applied after the file's. ``vanilla`` among the methods trains each distinct
    student alone (one run per student and seed, no teacher).
-2. **Plan.** Every run gets its :class:`~kdlib.config.RunConfig` from :func:`kdlib.config.make_config` and
-   :func:`kdlib.config.apply_overrides`, and a directory that depends only on what the run *is*::
+2. **Plan** (:mod:`kdlib.runs`). Every run's recipe comes from :func:`kdlib.config.make_config`, and its
+   directory from what the run *is*, the same directory a chapter of the book gives it::
 
-       OUT/runs/<method>/<teacher>-<student>/seed<k>[-<hash>]      (vanilla: OUT/runs/vanilla/<student>/...)
+       OUT/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>   (vanilla: <method>-<student>-...)
 
-   ``<hash>`` is 8 hex digits of the recipe fields and method hyperparameters that ``--set`` changed away
-   from their defaults (``lr=0.1`` and ``lr=1e-1`` give the same hash; ``lr=0.05``, the default, none),
-   so runs with different overrides never share a directory. Everything is validated before anything is
-   submitted: unknown names, malformed pairs or ``--set`` items, missing teacher checkpoints, and run
-   directories that already hold a *different* run (another ``--epochs`` or dataset in the same
-   ``--out``) are :class:`~kdlib.errors.KDLibError` (``error: ...``, exit 2).
-3. **Run.** A finished run (``metrics.json`` with ``final`` and the same config) is skipped without a
-   job. Every other run becomes one job calling :func:`kdlib.engine.train`, which resumes an interrupted
-   run from its last completed epoch. Executors: ``local`` (submitit's ``LocalExecutor``: subprocesses
-   on this machine, at most ``--workers`` at once, GPUs handed out round-robin), ``slurm`` (submitit, one
-   array job; ``--no-wait`` submits and returns) and ``inline`` (in this process, one after the other:
-   for tests, notebooks and debugging). All runs share one teacher cache (``OUT/teachers`` unless
-   ``--teachers-dir``).
-4. **Locks.** A job holds ``fcntl.flock`` on ``<run dir>/.sweep.lock`` while it trains. The kernel drops
-   the lock when the process ends, however it ends, so two workers never train the same run at once and
-   a crashed worker never blocks a run (the file may stay; the lock does not).
+   ``OUT`` defaults to ``$KDLIB_HOME``, so what a sweep trains the book's chapters reuse, and the other
+   way round. Teachers to train are runs of their own, planned first. Everything is validated before
+   anything is submitted: unknown names, malformed pairs or ``--set`` items, missing teacher checkpoints,
+   and run directories holding a *different* run are :class:`~kdlib.errors.KDLibError` (exit 2).
+   ``OUT/sweep.json`` keeps every planned run with its resolved recipe; ``--dry-run`` prints the plan.
+3. **Run.** A finished run is skipped without a job. Every other run goes to the executor: ``local``
+   (submitit's ``LocalExecutor``: subprocesses, at most ``--workers`` at once, GPUs handed out
+   round-robin), ``slurm`` (array jobs, teachers' first; ``--no-wait`` submits and returns), ``pool``
+   (worker processes) or ``inline`` (this process: tests, notebooks, debugging). The engine resumes an
+   interrupted run from its last completed epoch.
+4. **Locks.** Whoever trains a run holds its lock (:class:`kdlib.engine.rundir.RunLock`): two workers,
+   sweeps or chapters never train one run at once, and a crashed worker never blocks a run.
 5. **Records.** ``OUT/summary.csv`` (one row per run) and ``OUT/aggregate.csv`` (mean +- std over seeds
-   per method and pair) are rebuilt from the runs' ``metrics.json`` by :mod:`kdlib.records`, so
+   per method, pair and recipe) are rebuilt from the runs' records (:mod:`kdlib.runs.summary`), so
    ``--summarize-only`` regenerates them at any time. A failed run is recorded in
-   ``<run dir>/sweep_error.json`` (its error's last line) and the others go on. Exit code 0 when every run
-   of the grid finished, 1 otherwise.
+   ``<run dir>/run_error.json`` and the others go on. Exit code 0 when every run of the grid finished.
 
 Teacher checkpoints: ``--teacher-checkpoint ARCH=PATH`` (YAML ``teacher_checkpoints: {ARCH: PATH}``) or
 ``--teacher-checkpoint-dir DIR`` (YAML ``teacher_checkpoint_dir``), which looks for
@@ -49,18 +44,87 @@ trained once with the profile's teacher recipe and cached.
 """
 from __future__ import annotations
 
-# The parts, one job each (they import downwards: common <- grid <- planning <- jobs <- executors/slurm
-# <- summary <- runner <- command); this package re-exports the public names, so `kdlib.sweep.X` works.
-from kdlib.sweep.command import add_arguments, run, spec_from_args
-from kdlib.sweep.common import (AGGREGATE, COMMUNITY_LAYOUT, ERROR, EXECUTORS, GRIDS_DIR, JOBS_DIR, LOCK, PLAN,
-                                RUNS_DIR, STATUSES, SUMMARY, SUMMARY_COLUMNS, TEACHERS_DIR)
-from kdlib.sweep.grid import GridSpec, SlurmOptions, grid_names, load_grid, parse_time_minutes
-from kdlib.sweep.jobs import RunJob, RunLock, RunLocked, execute_run
-from kdlib.sweep.planning import PlannedRun, plan
-from kdlib.sweep.runner import SweepResult, run_sweep
-from kdlib.sweep.slurm import slurm_parameters
-from kdlib.sweep.summary import aggregate, per_class_table, read_summary, summarize, write_summary
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, List
 
-__all__ = ["GridSpec", "SlurmOptions", "PlannedRun", "SweepResult", "RunLock", "RunLocked", "RunJob",
-           "load_grid", "grid_names", "plan", "run_sweep", "execute_run", "summarize", "write_summary",
-           "read_summary", "aggregate", "per_class_table", "EXECUTORS", "COMMUNITY_LAYOUT"]
+from kdlib.errors import KDLibError
+from kdlib.runs import ERROR, RunJob, SlurmOptions, execute, execute_run, parse_time_minutes, plan, write_plan
+from kdlib.runs import slurm as runs_slurm
+from kdlib.runs import summary as runs_summary
+from kdlib.runs.summary import SUMMARY, aggregate, per_class_table, read_summary, summarize, write_summary
+from kdlib.sweep.command import add_arguments, run, spec_from_args
+from kdlib.sweep.grid import COMMUNITY_LAYOUT, GridSpec, grid_names, load_grid
+
+if TYPE_CHECKING:  # pandas is imported where tables are made
+    import pandas as pd
+
+PLAN, JOBS_DIR = "sweep.json", "submitit"
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did: counts of the grid's runs, and the summary and aggregate tables."""
+
+    out: Path
+    planned: int
+    skipped: int  # finished before this sweep started: no job
+    submitted: int
+    locked: int  # trained by another process right now: no job
+    summary: pd.DataFrame
+    aggregate: pd.DataFrame
+    job_ids: List[str] = field(default_factory=list)
+    teachers: int = 0  # teacher runs trained (or submitted) before the grid's runs
+
+    @property
+    def failed(self) -> int:
+        return int((self.summary["status"] == "failed").sum()) if len(self.summary) else 0
+
+    @property
+    def ok(self) -> bool:
+        """Every run of the grid has finished."""
+        return bool(len(self.summary)) and bool((self.summary["status"] == "finished").all())
+
+
+def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, wait: bool = True,
+              print_tables: bool = False) -> SweepResult:
+    """Plan, skip what is finished, run the rest with ``spec.executor``, write the summaries.
+
+    ``verbose`` prints the engine's per-epoch lines (inline executor; jobs write them to their logs).
+    ``wait=False`` (Slurm only) returns once the arrays are submitted; summarise later.
+    """
+    spec = spec.normalised()
+    out = spec.root()
+    runs = plan(spec.configs(), root=out)  # every check before anything is written or submitted
+    slurm_ex = runs_slurm.executor(spec.slurm, out / JOBS_DIR) if spec.executor == "slurm" else None
+    if not wait and spec.executor != "slurm":
+        raise KDLibError("--no-wait applies to --executor slurm only")
+    write_plan(out / PLAN, runs, {"command": spec.command(), "spec": spec.to_dict()})
+    grid = [r for r in runs if r.role == "run"]
+    todo = [r for r in runs if not r.finished()]
+    try:
+        outcomes, job_ids = execute(todo, spec.executor, folder=out / JOBS_DIR, workers=spec.workers,
+                                    threads=spec.run_threads(), device=spec.device, slurm=spec.slurm,
+                                    slurm_executor=slurm_ex, progress=progress, wait=wait, verbose=verbose,
+                                    resume=spec.command(), desc="sweep")
+    finally:
+        summary = write_summary(out)
+    planned = {r.run_dir.relative_to(out).as_posix() for r in grid}
+    locked = [o for o in outcomes if o.status == "locked" and o.run.role == "run"]
+    if print_tables:
+        runs_summary.print_tables(summary, planned)
+        for o in locked:
+            print(f"skipped (being trained elsewhere: {o.error or 'lock released since'}): {o.run.label}")
+        if job_ids and not wait:
+            print(f"submitted Slurm job(s) {', '.join(job_ids)}; when they are done: "
+                  f"python -m kdlib sweep --summarize-only --out {out}")
+    mine = summary[summary["run_dir"].isin(planned)].reset_index(drop=True)
+    students = [r for r in todo if r.role == "run"]
+    return SweepResult(out, len(grid), len(grid) - len(students), len(students) - len(locked), len(locked), mine,
+                       aggregate(summary), job_ids, len(todo) - len(students))
+
+
+__all__ = ["GridSpec", "SlurmOptions", "SweepResult", "RunJob", "load_grid", "grid_names", "plan", "run_sweep",
+           "execute_run", "summarize", "write_summary", "read_summary", "aggregate", "per_class_table",
+           "parse_time_minutes", "spec_from_args", "add_arguments", "run", "COMMUNITY_LAYOUT", "ERROR",
+           "SUMMARY", "PLAN"]

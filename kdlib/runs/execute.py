@@ -1,0 +1,399 @@
+"""Execute planned runs, each under its lock: in this process, in a pool of worker processes, as submitit
+jobs on this machine, or as Slurm arrays (:mod:`kdlib.runs.slurm`); and :func:`ensure`, the chapters'
+"train what is missing here", which in the book's collect mode records the runs instead.
+
+Every executor trains a run through :func:`execute_run`: the run's lock (:class:`~kdlib.engine.rundir.RunLock`),
+then :func:`kdlib.engine.train` (or :func:`kdlib.teachers.train_teacher` for a teacher run), which resumes an
+interrupted run from its last completed epoch. A failure is written to ``<run dir>/run_error.json`` so the
+summaries, rebuilt from the files, know it. Teachers go first: the pool trains them here with every thread
+before its workers start, the local executor starts a run once the teacher it needs is done, Slurm runs
+the students' array after the teachers' (:mod:`kdlib.runs.slurm`).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from kdlib import config as kconfig
+from kdlib.engine.rundir import RunLock, RunLocked
+from kdlib.errors import KDLibError
+from kdlib.io import atomic_write_json
+from kdlib.runs.plan import ERROR, Run
+
+try:
+    from submitit.helpers import Checkpointable as _JobBase
+except ImportError:  # pragma: no cover - submitit is a dependency; the other executors work without it
+    _JobBase = object  # type: ignore[assignment,misc]
+
+EXECUTORS = ("inline", "pool", "local", "slurm")
+#: set by `kdlib book --executor`: chapters record the runs they miss in this file instead of training them
+COLLECT_ENV = "KDLIB_COLLECT_RUNS"
+#: the local executor has no time limit of its own worth having (submitit's default is 2 minutes)
+_LOCAL_TIMEOUT_MIN = 60 * 24 * 365
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str  # finished, failed, incomplete (stopped from outside: resuming continues it), locked
+    error: str = ""
+    log: Optional[str] = None
+
+
+class RunsCollected(BaseException):
+    """The book's collect mode stops a chapter's cell at a run it lacks (recorded for the plan). A
+    BaseException, so that a chapter's own ``except Exception`` cannot mistake it for a result."""
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """The line a table can show: ``Type: last line of the message`` (a FailedJobError's trace end)."""
+    text = str(exc)
+    if "----------------------" in text:  # submitit's FailedJobError: the trace sits between rulers
+        text = text.split("----------------------")[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    if not re.match(r"^[\w.]+(Error|Exception|Interrupt|Locked|Exit)\b", line):
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def write_error(run_dir: Path, message: str, detail: str = "", log: Optional[str] = None,
+                status: str = "failed") -> None:
+    """``run_error.json``: why the run's last attempt ended unfinished, ``failed`` (an error) or
+    ``incomplete`` (stopped from outside, e.g. a cancelled Slurm task: resuming continues it)."""
+    atomic_write_json(Path(run_dir) / ERROR, {
+        "error": message, "detail": detail, "log": log, "host": platform.node(), "status": status,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def execute_run(run: Run, *, threads: Optional[int] = None, cuda_visible_devices: Optional[str] = None,
+                verbose: bool = False, wait: bool = False, raise_errors: bool = False) -> Dict[str, Any]:
+    """Train one run under its lock; return ``{"status", "error"}``. ``wait``: wait for another holder of
+    the lock (then the run is usually finished), else report ``locked``. A failure is recorded, then
+    returned, or raised again with ``raise_errors`` (a chapter sees the engine's own error)."""
+    if cuda_visible_devices is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    from kdlib import engine, teachers
+
+    try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        with RunLock(run.run_dir, wait=wait):
+            (run.run_dir / ERROR).unlink(missing_ok=True)  # a retry makes an old failure moot
+            if not run.finished():
+                if run.role == "teacher":
+                    teachers.train_teacher(run.config, verbose=verbose)
+                else:
+                    engine.train(run.config, progress=False, verbose=verbose)
+    except RunLocked as exc:
+        return {"status": "locked", "error": str(exc)}
+    except engine.TrainingInterrupted as exc:
+        if raise_errors:
+            raise
+        return {"status": "incomplete", "error": last_line(exc)}
+    except Exception as exc:  # noqa: BLE001 - recorded; one failed run must not stop the others
+        message = last_line(exc)
+        try:
+            write_error(run.run_dir, message, traceback.format_exc())
+        except OSError:
+            pass  # an unwritable run directory: the returned status still says it
+        if raise_errors:
+            raise
+        return {"status": "failed", "error": message}
+    return {"status": "finished" if run.finished() else "incomplete", "error": ""}
+
+
+class RunJob(_JobBase):  # type: ignore[misc,valid-type]
+    """What each submitit job (a local job, a Slurm array task) calls: its runs, one after the other.
+
+    Being a ``submitit.helpers.Checkpointable``, a task that reaches its Slurm time limit is requeued with
+    the same arguments: finished runs are skipped and the engine resumes the others.
+    """
+
+    def __init__(self, runs: List[Run], threads: Optional[int] = None, cuda_visible_devices: Optional[str] = None):
+        self.runs, self.threads, self.cuda_visible_devices = list(runs), threads, cuda_visible_devices
+
+    def __call__(self) -> List[Dict[str, Any]]:
+        return [execute_run(run, threads=self.threads, cuda_visible_devices=self.cuda_visible_devices)
+                for run in self.runs]
+
+
+class Progress:
+    """A tqdm bar over runs on stderr, drawn on a terminal only (logs and the book's pages get nothing),
+    with counts of the outcomes; a failed run gets a line."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "runs", enabled: bool = True):
+        from tqdm import tqdm
+
+        self.counts: collections.Counter = collections.Counter()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr,
+                        disable=None if enabled else True)
+
+    def done(self, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        self.bar.update(1)
+        self.bar.set_postfix(dict(sorted(self.counts.items())), refresh=True)
+        if outcome.status == "failed" and not self.bar.disable:
+            self.bar.write(f"failed: {outcome.run.label}: {outcome.error}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# -- in this process, and a pool of worker processes ---------------------------------------------------
+def run_inline(runs: Sequence[Run], bar: Progress, threads: Optional[int] = None, verbose: bool = False,
+               wait: bool = False, raise_errors: bool = False) -> List[Outcome]:
+    import torch
+
+    outcomes, before = [], torch.get_num_threads()  # the caller's setting comes back afterwards
+    try:
+        for run in runs:
+            result = execute_run(run, threads=threads, verbose=verbose, wait=wait, raise_errors=raise_errors)
+            outcomes.append(Outcome(run, result["status"], result["error"]))
+            bar.done(outcomes[-1])
+    finally:
+        torch.set_num_threads(before)
+    return outcomes
+
+
+def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
+    """How many runs the pool trains at once: one per CPU core on a CPU-only run, else 1.
+
+    Small CIFAR networks use two cores poorly (on the 2-core book machine, idle, two smoke runs took
+    58-63 s one after the other with 2 threads and 48.5 s side by side with 1 thread each: 1.25x), so
+    independent runs go to worker processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one
+    by one in this process. A run's numbers depend (in the last bits, like any float sum) on its thread
+    count, recorded in its ``metrics.json`` (``segments[].threads``).
+    """
+    setting = os.environ.get("KDLIB_RUN_WORKERS", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise KDLibError(f"KDLIB_RUN_WORKERS must be a whole number >= 1, not {setting!r}")
+        wanted = int(setting)
+    else:
+        import torch
+
+        on_gpu = any(str(c.device).startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
+                     for c in configs)
+        wanted = 1 if on_gpu else cores()
+    return max(1, min(wanted, len(configs)))
+
+
+_POOL: Dict[tuple, Any] = {}
+
+
+def _worker_ignores_interrupts() -> None:
+    """Ctrl-C, or a notebook server stopping its kernel's process group, is for the kernel: the kernel
+    cancels what has not started and the pool's workers exit when it goes (no traceback from each)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_pool(workers: int):
+    """A process pool kept for the life of this process (a chapter asks for runs several times).
+
+    Workers read ``KDLIB_HOME`` and the other settings from the environment they were started with, so a
+    changed environment gets a new pool.
+    """
+    import atexit
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = (workers, tuple(sorted(os.environ.items())))
+    if key not in _POOL:
+        for old in _POOL.values():
+            old.shutdown(wait=True)
+        _POOL.clear()
+        # spawn, not fork: forking a process whose OpenMP threads have run can hang the child
+        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_ignores_interrupts)
+        atexit.register(_POOL[key].shutdown, wait=False, cancel_futures=True)
+    return _POOL[key]
+
+
+def _in_worker(run: Run, threads: int, raise_errors: bool) -> Dict[str, Any]:
+    return execute_run(run, threads=threads, wait=True, raise_errors=raise_errors)
+
+
+def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: bool = True) -> List[Outcome]:
+    """Teachers here with every thread, then the other runs ``workers`` at a time with ``cores // workers``
+    threads each. With ``raise_errors`` the first error is raised once the runs not started yet are dropped
+    (a run already training finishes in its worker, its lock keeping anyone else out, and is reused next
+    time)."""
+    from concurrent.futures import as_completed
+
+    teachers = [r for r in runs if r.role == "teacher"]
+    outcomes = run_inline(teachers, bar, wait=True, raise_errors=raise_errors)
+    threads = max(1, cores() // workers)
+    pool = worker_pool(workers)
+    futures = {pool.submit(_in_worker, run, threads, raise_errors): run for run in runs if run.role != "teacher"}
+    try:
+        for future in as_completed(futures):
+            result = future.result()
+            outcomes.append(Outcome(futures[future], result["status"], result["error"]))
+            bar.done(outcomes[-1])
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return outcomes
+
+
+def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
+    """The chapters' front door: make sure ``runs`` are finished, training what is missing here (the pool
+    on a CPU, :func:`run_workers`; one by one with the engine's lines when ``verbose``). Prints nothing.
+
+    In the book's collect mode (``KDLIB_COLLECT_RUNS`` names a file) nothing is trained: the missing
+    runs are appended to that file and :class:`RunsCollected` stops the cell; a run the engine stopped
+    (non-finite loss: a result, not an accident) raises the engine's recorded error, as training it
+    again would.
+    """
+    todo = [r for r in runs if not r.finished()]
+    collect = os.environ.get(COLLECT_ENV)
+    if not todo:
+        return
+    if collect:
+        for run in todo:
+            record = run.record() or {}
+            if record.get("status") == "failed" and record.get("error"):
+                raise KDLibError(record["error"])
+        with open(collect, "a") as handle:
+            for run in todo:
+                handle.write(json.dumps({"role": run.role, "needs": run.needs, "config": run.config.to_dict()}) + "\n")
+        raise RunsCollected(f"{len(todo)} run(s) recorded for the book's plan: {', '.join(r.label for r in todo)}")
+    workers = 1 if verbose else run_workers([r.config for r in todo if r.role != "teacher"] or [todo[0].config])
+    bar = Progress(len(todo), desc="training")
+    try:
+        if workers == 1:
+            run_inline(todo, bar, verbose=verbose, wait=True, raise_errors=True)
+        else:
+            run_pool(todo, bar, workers)
+    finally:
+        bar.close()
+
+
+# -- submitit jobs on this machine --------------------------------------------------------------------
+def job_outcome(runs: List[Run], job: Any) -> Optional[List[Outcome]]:
+    """What a submitit job says once it is over (one outcome per run), or None while it runs.
+
+    The result file counts as the end: submitit writes it before the job's interpreter exits, and tearing
+    down a process that imported torch takes seconds on a busy machine. A job that ended without a
+    result (killed, out of memory, time limit) fails its runs, with the last line of what submitit saw.
+    """
+    import pickle
+
+    log = str(job.paths.stderr)
+    if job.paths.result_pickle.exists():
+        with open(job.paths.result_pickle, "rb") as handle:
+            kind, value = pickle.load(handle)
+        if kind == "success":
+            return [Outcome(run, v.get("status", "failed"), v.get("error", ""), log) for run, v in zip(runs, value)]
+        exc: BaseException = RuntimeError(str(value))
+    elif job.done():
+        exc = job.exception() or RuntimeError(f"job {job.job_id} ended without a result")
+    else:
+        return None
+    message = last_line(exc)
+    for run in runs:
+        if not run.finished():
+            write_error(run.run_dir, message, str(exc), log)
+    return [Outcome(run, "finished" if run.finished() else "failed", message, log) for run in runs]
+
+
+def local_gpus(device: Optional[str]) -> List[str]:
+    """Device ids (as CUDA_VISIBLE_DEVICES entries) the local workers share round-robin."""
+    if device is not None and not str(device).startswith(("auto", "cuda")):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, threads: int,
+              device: Optional[str] = None) -> List[Outcome]:
+    """At most ``workers`` submitit local jobs at once (its LocalExecutor has no cap of its own), one GPU
+    each round-robin (all of them when a ``cuda:N`` is named); a run starts once its teacher run is done."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=str(folder))
+    executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, gpus_per_node=0)
+    gpus = local_gpus(device)
+    pending, running, outcomes = list(runs), {}, []
+    waiting_for = {str(r.run_dir) for r in runs}  # teacher runs not done yet
+    try:
+        while pending or running:
+            for slot in [s for s in range(workers) if s not in running]:
+                ready = next((r for r in pending if r.needs not in waiting_for), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                gpu = "" if not gpus else ",".join(gpus) if re.fullmatch(r"cuda:\d+", str(device)) else gpus[slot % len(gpus)]
+                running[slot] = (executor.submit(RunJob([ready], threads, gpu)), ready)
+            finished = False
+            for slot, (job, run) in list(running.items()):
+                done = job_outcome([run], job)
+                if done is not None:
+                    del running[slot]
+                    waiting_for.discard(str(run.run_dir))
+                    outcomes += done
+                    bar.done(done[0])
+                    finished = True
+            if not finished:
+                time.sleep(0.5)
+    except KeyboardInterrupt:  # SIGINT to every running job; the engine keeps each run's last epoch
+        jobs = [job for job, _ in running.values()]
+        for job in jobs:
+            job.cancel(check=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(job.done() for job in jobs):
+            time.sleep(0.5)
+        raise
+    return outcomes
+
+
+def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 1, threads: Optional[int] = None,
+            device: Optional[str] = None, slurm: Any = None, slurm_executor: Any = None, progress: bool = True,
+            wait: bool = True, verbose: bool = False, resume: str = "the same command", desc: str = "runs") -> tuple:
+    """Train ``runs`` (planned, not finished) with ``executor``; ``(outcomes, Slurm job ids)``. Runs whose
+    lock another process holds are left to it (outcome ``locked``). ``folder`` holds the jobs' logs;
+    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions` (``slurm_executor``: one made beforehand)."""
+    from kdlib.runs import slurm as slurm_jobs
+
+    locked = [r for r in runs if RunLock.holder(r.run_dir)]
+    todo = [r for r in runs if r not in locked]
+    bar = Progress(len(todo), desc=desc, enabled=progress)
+    outcomes, job_ids = [Outcome(r, "locked", RunLock.holder(r.run_dir) or "") for r in locked], []
+    try:
+        if todo and executor == "inline":
+            outcomes += run_inline(todo, bar, threads=threads, verbose=verbose)
+        elif todo and executor == "pool":
+            outcomes += run_pool(todo, bar, workers, raise_errors=False)
+        elif todo and executor == "local":
+            outcomes += run_local(todo, bar, folder, workers, threads or 1, device)
+        elif todo:
+            submitted, job_ids = slurm_jobs.submit(todo, slurm, folder, threads, slurm_executor)
+            if wait:
+                outcomes += slurm_jobs.wait(submitted, bar, resume)
+    finally:
+        bar.close()
+    return outcomes, job_ids
