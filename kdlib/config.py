@@ -148,7 +148,9 @@ class RunConfig:
         if cls.uses_teacher and self.teacher:
             pair = (self.teacher, self.student)
             params.update({name: table[pair] for name, table in cls.per_pair.items() if pair in table})
-        params.update(self.method_params or {})
+        # the value counts, not its spelling: 2 for a hyperparameter whose default is 2.0 is the same run
+        params.update({k: float(v) if isinstance(cls.defaults.get(k), float) and type(v) is int else v
+                       for k, v in (self.method_params or {}).items()})
         return params
 
     def method_recipe(self) -> Dict[str, Any]:
@@ -160,6 +162,9 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         """A copy with every ``None`` default filled in and the method's hyperparameters spelt out."""
         cfg = self.replace()
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "teacher_lr"):  # 1 and 1.0: one recipe
+            if type(getattr(cfg, name)) is int:
+                setattr(cfg, name, float(getattr(cfg, name)))
         if cfg.lr is None:  # the method authors' recipe where it differs (MLKD: 0.025), else the protocol's
             cfg.lr = self.method_recipe().get("lr") or default_lr(cfg.student)
         if cfg.milestones is None:

@@ -43,15 +43,20 @@ def recipe_hash(cfg: kconfig.RunConfig) -> str:
 def overrides_text(cfg: kconfig.RunConfig) -> str:
     """What sets the run apart from its profile's recipe for its method and pair: ``"epochs=1 beta=2.0"``."""
     r = cfg.resolved()
-    base = kconfig.make_config(r.profile, method=r.method, teacher=r.teacher, student=r.student, seed=r.seed)
+    preset = kconfig.PROFILES[r.profile]
+    # the same length as the run, so that what the length scales (milestones, warm-up) is not a difference
+    same = {k: getattr(r, k) for k in ("method", "teacher", "student", "seed", "epochs", "teacher_epochs",
+                                       "teacher_checkpoint") if getattr(r, k) is not None}
+    base = kconfig.make_config(r.profile, **same)
 
     def flat(c):
         data = json.loads(json.dumps(c.identity(), sort_keys=True, default=str))
         return {**{k: v for k, v in data.items() if k != "method_params"}, **(data.get("method_params") or {})}
 
     old, new = flat(base), flat(cfg)
-    return " ".join(f"{k}={json.dumps(new.get(k), separators=(',', ':')).strip(chr(34))}"
-                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    changed = {k: new.get(k) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    changed.update({k: same[k] for k in ("epochs", "teacher_epochs") if k in same and same[k] != preset.get(k)})
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':')).strip(chr(34))}" for k, v in sorted(changed.items()))
 
 
 @dataclass(frozen=True)

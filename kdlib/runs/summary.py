@@ -43,7 +43,8 @@ def _row(out: Path, path: Path, run: Optional[Run]) -> Dict[str, Any]:
     from kdlib.engine.rundir import RunLock
     from kdlib.records import load_runs, read_metrics
 
-    row: Dict[str, Any] = {"run_dir": path.relative_to(out).as_posix(), "running_on": RunLock.holder(path) or ""}
+    row: Dict[str, Any] = {"run_dir": path.relative_to(out).as_posix(), "running_on": RunLock.holder(path) or "",
+                           "recipe": "", "overrides": ""}
     status, error = None, ""
     try:
         metrics = read_metrics(path) if (path / "metrics.json").is_file() else None

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List
 
 from kdlib.errors import KDLibError
-from kdlib.runs import ERROR, RunJob, SlurmOptions, execute, execute_run, parse_time_minutes, plan, write_plan
+from kdlib import runs
+from kdlib.runs import ERROR, EXECUTORS, Run, RunJob, SlurmOptions, execute, execute_run, parse_time_minutes, write_plan
 from kdlib.runs import slurm as runs_slurm
 from kdlib.runs import summary as runs_summary
 from kdlib.runs.summary import SUMMARY, aggregate, per_class_table, read_summary, summarize, write_summary
@@ -86,6 +87,11 @@ class SweepResult:
         return bool(len(self.summary)) and bool((self.summary["status"] == "finished").all())
 
 
+def plan(spec: GridSpec) -> List[Run]:
+    """The grid's runs in the folder ``spec.root()``, teachers to train first; validated, nothing written."""
+    return runs.plan(spec.configs(), root=spec.root())
+
+
 def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, wait: bool = True,
               print_tables: bool = False) -> SweepResult:
     """Plan, skip what is finished, run the rest with ``spec.executor``, write the summaries.
@@ -95,13 +101,13 @@ def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, w
     """
     spec = spec.normalised()
     out = spec.root()
-    runs = plan(spec.configs(), root=out)  # every check before anything is written or submitted
+    planned_runs = plan(spec)  # every check before anything is written or submitted
     slurm_ex = runs_slurm.executor(spec.slurm, out / JOBS_DIR) if spec.executor == "slurm" else None
     if not wait and spec.executor != "slurm":
         raise KDLibError("--no-wait applies to --executor slurm only")
-    write_plan(out / PLAN, runs, {"command": spec.command(), "spec": spec.to_dict()})
-    grid = [r for r in runs if r.role == "run"]
-    todo = [r for r in runs if not r.finished()]
+    write_plan(out / PLAN, planned_runs, {"command": spec.command(), "spec": spec.to_dict()})
+    grid = [r for r in planned_runs if r.role == "run"]
+    todo = [r for r in planned_runs if not r.finished()]
     try:
         outcomes, job_ids = execute(todo, spec.executor, folder=out / JOBS_DIR, workers=spec.workers,
                                     threads=spec.run_threads(), device=spec.device, slurm=spec.slurm,
@@ -127,4 +133,4 @@ def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, w
 __all__ = ["GridSpec", "SlurmOptions", "SweepResult", "RunJob", "load_grid", "grid_names", "plan", "run_sweep",
            "execute_run", "summarize", "write_summary", "read_summary", "aggregate", "per_class_table",
            "parse_time_minutes", "spec_from_args", "add_arguments", "run", "COMMUNITY_LAYOUT", "ERROR",
-           "SUMMARY", "PLAN"]
+           "SUMMARY", "PLAN", "EXECUTORS"]
