@@ -25,6 +25,7 @@ one after the other.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -111,23 +112,38 @@ def executed_parameters(path: Path) -> Optional[Dict]:
         return None
 
 
-def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path) -> float:
-    """Execute one chapter into ``dst`` (ipynb); returns the seconds it took."""
+def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path, collect: Optional[Path] = None) -> float:
+    """Execute one chapter into ``dst`` (ipynb); returns the seconds it took.
+
+    ``collect``: the book's executor path (:func:`run_book_on_executor`): the chapter's kernel records the
+    runs it lacks in that file instead of training them, and a cell that fails does not stop the chapter
+    (unless the kernel waits for those runs to be trained, ``KDLIB_COLLECT_WAIT``).
+    """
     import nbformat
     import papermill
+
+    from kdlib.runs import COLLECT_ENV, WAIT_ENV
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     unexecuted = dst.with_suffix(".input.ipynb")
     nbformat.write(read_notebook(src), unexecuted)
     start = time.perf_counter()
+    before = os.environ.pop(COLLECT_ENV, None)
+    if collect is not None:  # the kernel inherits this process's environment
+        os.environ[COLLECT_ENV] = str(collect)
     try:
         papermill.execute_notebook(
             str(unexecuted), str(dst), parameters=parameters, kernel_name="python3",
-            progress_bar=False, cwd=str(cwd),
+            progress_bar=False, cwd=str(cwd), allow_errors=collect is not None and not os.environ.get(WAIT_ENV),
         )
     except papermill.PapermillExecutionError as exc:
+        if collect is not None and not os.environ.get(WAIT_ENV):
+            return time.perf_counter() - start
         raise KDLibError(f"chapter {src.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}")
     finally:
+        os.environ.pop(COLLECT_ENV, None)
+        if before is not None:
+            os.environ[COLLECT_ENV] = before
         unexecuted.unlink(missing_ok=True)
     errors = [o for c in nbformat.read(dst, as_version=4).cells for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
@@ -270,10 +286,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namespace, jobs: int) -> None:
-    """Execute ``names`` (longest first) ``jobs`` at a time, each by ``kdlib book --only`` in a process of
-    its own with ``cores // jobs`` torch threads; a failure stops the build with the chapter's log."""
-    staging = root / STAGING
+def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namespace, jobs: int,
+                             extra: Sequence[str] = (), poll=None) -> None:
+    """Execute ``names`` (longest first) ``jobs`` at a time, each by ``kdlib book --only`` (with ``extra``
+    arguments) in a process of its own with ``cores // jobs`` torch threads; a failure stops the build with
+    the chapter's log. ``poll()`` is called twice a second meanwhile."""
+    staging = Path(args.staging) if getattr(args, "staging", None) else root / STAGING
     logs = root / "_build" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     order = sorted(names, key=lambda n: -expected_seconds(source_of(root, n), staging / f"{n}.ipynb"))
@@ -291,10 +309,12 @@ def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namesp
             while pending and len(running) < jobs:
                 name = pending.pop(0)
                 log = open(logs / f"{Path(name).name}.log", "w")
-                proc = subprocess.Popen(base + ["--only", name], cwd=root, env=env, stdout=log,
+                proc = subprocess.Popen(base + ["--only", name, *extra], cwd=root, env=env, stdout=log,
                                         stderr=subprocess.STDOUT, text=True)
                 running[name] = (proc, log, time.perf_counter())
             time.sleep(0.5)
+            if poll is not None:
+                poll()
             for name, (proc, log, start) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -330,12 +350,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chapters executed side by side between the first and the last (default: one "
                              "per CPU core; 1: one after the other)")
     parser.add_argument("--no-stage", action="store_true", help=argparse.SUPPRESS)  # a side-by-side chapter
+    add_book_executor_arguments(parser)
 
 
-def _execute_here(root: Path, staging: Path, name: str, parameters: Dict, profile: str) -> None:
-    print(f"executing {name} ({profile}) ...", flush=True)
+def _execute_here(root: Path, staging: Path, name: str, parameters: Dict, profile: str,
+                  collect: Optional[Path] = None) -> None:
+    print(f"{'collecting the runs of' if collect else 'executing'} {name} ({profile}) ...", flush=True)
     seconds = execute_chapter(source_of(root, name), staging / f"{name}.ipynb", parameters,
-                              cwd=(staging / name).parent)
+                              cwd=(staging / name).parent, collect=collect)
     print(f"  {name}: {seconds:.0f} s", flush=True)
 
 
@@ -354,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ["KDLIB_DATA"] = str(Path(args.data_root).resolve())
     if args.pdf:
         check_pdf_tools()  # before an hour of execution, not after
-    staging = root / STAGING
+    staging = Path(args.staging) if args.staging else root / STAGING
     names = toc_files(root)
     if args.only:
         wanted = {n if "/" in n else f"book/{n}" for n in args.only}
@@ -368,6 +390,14 @@ def run(args: argparse.Namespace) -> int:
     staging.mkdir(parents=True, exist_ok=True)
     if not args.no_stage:
         stage(root, staging)
+    if args.collect:  # one chapter of run_book_on_executor, recording the runs it lacks
+        if args.wait_runs:
+            from kdlib.runs import WAIT_ENV
+
+            os.environ[WAIT_ENV] = "1"
+        for name in names:
+            _execute_here(root, staging, name, parameters, args.profile, Path(args.collect) / f"{Path(name).name}.jsonl")
+        return 0
     total = time.perf_counter()
     todo = []
     for name in names:
@@ -379,6 +409,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         todo.append(name)
     jobs = args.jobs or _cores()
+    if args.executor:
+        if run_book_on_executor(root, staging, todo, args, jobs):
+            return 1
+        todo = []  # every chapter executed, its runs found
     # the first chapter trains the shared teacher and the last reads every run: they run alone
     alone_first, side_by_side, alone_last = (todo[:1], todo[1:-1], todo[-1:]) if jobs > 1 and len(todo) >= 4 \
         else (todo, [], [])
@@ -397,3 +431,165 @@ def run(args: argparse.Namespace) -> int:
     index = build_html(root, staging)
     print(f"book: {index}")
     return 0
+
+
+# -- the whole book's runs on an executor: kdlib book --executor local|slurm|pool ----------------------
+def add_book_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdlib.sweep.command import add_execution_arguments
+
+    add_execution_arguments(parser, book=True)
+    parser.add_argument("--plan", action="store_true", help="with --executor: collect the chapters' runs, write "
+                        "and print the plan (--verbose: every run's resolved recipe), train nothing")
+    parser.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+    # a side-by-side chapter of the book's executor path: where it records its runs, whether it waits for them
+    parser.add_argument("--collect", help=argparse.SUPPRESS)
+    parser.add_argument("--wait-runs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--staging", help=argparse.SUPPRESS)
+
+
+def book_command(args: argparse.Namespace) -> str:
+    """The ``python -m kdlib book`` command line of ``args``: running it again resumes the book."""
+    import shlex
+
+    from kdlib.sweep.grid import SLURM_FLAGS
+
+    words = ["python", "-m", "kdlib", "book", "--profile", args.profile]
+    words += [w for name, value in args.parameter for w in ("-p", name, value)]
+    for flag, value in (("--data-root", args.data_root), ("--executor", args.executor), ("--workers", args.workers),
+                        ("--threads", args.threads), ("--jobs", args.jobs)):
+        words += [flag, str(value)] if value is not None else []
+    words += [w for name, flag in SLURM_FLAGS.items() if getattr(args, f"slurm_{name}", None) is not None
+              for w in (flag, str(getattr(args, f"slurm_{name}")))]
+    return shlex.join(words)
+
+
+class BookRuns:
+    """The runs the chapters ask for, trained on the book's executor: what each chapter's collect file
+    holds, deduplicated, teachers first; failures kept to be named at the end."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path):
+        from kdlib import runs
+        from kdlib.sweep.command import slurm_from_args
+
+        self.args, self.folder, self.home = args, folder, Path(os.environ["KDLIB_HOME"]).absolute()
+        self.command, self.workers = book_command(args), args.workers or 1
+        self.options = runs.SlurmOptions.from_mapping(slurm_from_args(args))
+        if args.executor == "slurm":  # the options checked against the cluster before any chapter runs
+            runs.slurm.executor(self.options, self.home / "jobs")
+        self.threads = args.threads or max(1, min(self.options.cpus if args.executor == "slurm" else _cores(),
+                                                  _cores() // self.workers))
+        self.seen, self.failed, self.offsets, self.queue, self.thread = set(), {}, {}, [], None
+
+    def asked(self) -> Dict[str, list]:
+        """Per chapter, the runs its collect file names (all of them)."""
+        from kdlib.config import RunConfig
+        from kdlib.runs import Run
+
+        found = {}
+        for path in sorted(self.folder.glob("*.jsonl")):
+            lines = path.read_text().splitlines()
+            found[path.stem] = [Run(RunConfig.from_dict(e["config"]), e["role"], e["needs"]) for e in map(json.loads, lines)]
+        return found
+
+    def new(self) -> list:
+        """Runs asked for since the last call that are not finished, teachers first."""
+        fresh = {str(r.run_dir): r for rs in self.asked().values() for r in rs
+                 if str(r.run_dir) not in self.seen and not r.finished()}
+        self.seen.update(fresh)
+        return sorted(fresh.values(), key=lambda r: r.role != "teacher")
+
+    def train(self, todo: list, round_: int) -> None:
+        from kdlib import runs
+        from kdlib.engine.rundir import RunLock
+
+        outcomes, _ = runs.execute(todo, self.args.executor, folder=self.home / "jobs", workers=self.workers,
+                                   threads=self.threads, slurm=self.options, resume=self.command,
+                                   desc=f"book runs ({round_})")
+        for outcome in outcomes:
+            if outcome.status == "locked":  # a job of an earlier, interrupted build still trains it
+                print(f"  waiting for {outcome.run.label} ({outcome.error})", flush=True)
+                while RunLock.holder(outcome.run.run_dir):
+                    time.sleep(10)
+            if not outcome.run.finished():
+                self.failed[str(outcome.run.run_dir)] = outcome
+                print(f"  {outcome.status}: {outcome.run.label}: {outcome.error} (log: {outcome.log})", flush=True)
+
+    def poll(self) -> None:
+        """Called while the chapters execute: train what they ask for after all, in a thread of its own."""
+        import threading
+
+        self.queue += self.new()
+        if self.queue and (self.thread is None or not self.thread.is_alive()):
+            batch, self.queue = self.queue, []
+            print(f"  {len(batch)} more runs asked for: {', '.join(r.label for r in batch)}", flush=True)
+            self.thread = threading.Thread(target=self.train, args=(batch, "while executing"), daemon=True)
+            self.thread.start()
+
+    def report(self) -> int:
+        """1 after naming every failed run, the chapters that need it, and the command that resumes."""
+        if not self.failed:
+            return 0
+        asked = self.asked()
+        for key, o in self.failed.items():
+            chapters = [n for n, rs in asked.items() if any(str(r.run_dir) == key for r in rs)]
+            print(f"run {o.status}: {o.run.label}: {o.error} (log: {o.log}; needed by {', '.join(chapters)})",
+                  file=sys.stderr)
+        print(f"{len(self.failed)} runs did not finish; fix the cause, then resume with: {self.command}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def chapter_error(path: Path) -> Optional[str]:
+    """The first error an executed notebook shows (``cell N: Type: message``); None without one (or file)."""
+    import nbformat
+
+    cells = nbformat.read(path, as_version=4).cells if path.is_file() else []
+    errors = [f"cell {c.get('execution_count')}: {o.get('ename')}: {o.get('evalue')}" for c in cells
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return errors[0] if errors else ("not executed" if not path.is_file() else None)
+
+
+def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argparse.Namespace, jobs: int) -> int:
+    """The whole book's runs on an executor, then the chapters, which train nothing.
+
+    1. Every chapter executes in collect mode: it records the runs it lacks and goes on past the cells
+       that needed them (their errors ignored), so its analyses do not wait for training.
+    2. The runs they asked for are trained on ``--executor`` (Slurm: arrays, the teachers' first), with a
+       progress bar. ``--plan`` stops here, printing the plan (``$KDLIB_HOME/book-<profile>.json`` holds
+       every run's resolved recipe).
+    3. The chapters execute for real, finding every record. A run a chapter asks for only now (one that
+       depends on a result) is recorded and trained on the executor while the chapter waits.
+    Returns 1 when a run failed, naming it and the command that resumes the book (the same command).
+    """
+    from kdlib import runs
+
+    jobs, folder = min(jobs, max(1, len(names))), staging / "_runs_asked"
+    book = BookRuns(args, folder)
+    extra = ["--collect", str(folder), "--staging", str(staging)]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    _execute_in_subprocesses(root, names, args, jobs, extra=extra)
+    todo = book.new()
+    print(f"collected: {len(todo)} runs to train ({sum(r.role == 'teacher' for r in todo)} teachers) for "
+          f"{len(names)} chapters in {time.perf_counter() - start:.0f} s", flush=True)
+    runs.write_plan(book.home / f"book-{args.profile}.json", todo, {"command": book.command})
+    if args.plan:
+        runs.print_plan(todo, verbose=args.verbose)
+        print(f"\n{len(todo)} runs planned (chapters may ask for more once these are trained); their resolved "
+              f"recipes: {book.home / f'book-{args.profile}.json'}")
+        return 0
+    book.train(todo, "collected")
+    if book.failed:
+        return book.report()
+    asked = book.asked()  # a chapter that asked for nothing and shows no error has executed completely
+    names = [n for n in names if Path(n).name in asked or chapter_error(staging / f"{n}.ipynb")]
+    shutil.rmtree(folder)
+    folder.mkdir()
+    try:
+        if names:
+            _execute_in_subprocesses(root, names, args, jobs, extra=[*extra, "--wait-runs"], poll=book.poll)
+    finally:
+        if book.thread is not None:
+            book.thread.join()
+    return book.report()

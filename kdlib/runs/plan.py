@@ -22,7 +22,7 @@ from kdlib.errors import KDLibError
 from kdlib.io import atomic_write_json
 
 RUNS_DIR = "runs"
-#: why a run's last attempt ended without finishing it (written by :func:`kdlib.runs.execute.execute_run`)
+#: why a run's last attempt ended without finishing it (written by :func:`kdlib.runs.executors.execute_run`)
 ERROR = "run_error.json"
 
 

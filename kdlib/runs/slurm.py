@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from kdlib.errors import KDLibError
-from kdlib.runs.execute import Outcome, Progress, RunJob, job_outcome, last_line, write_error
+from kdlib.runs.executors import Outcome, Progress, RunJob, job_outcome, last_line, write_error
 from kdlib.runs.plan import Run
 
 #: seconds between two looks at the queue while waiting for the jobs
@@ -191,13 +191,13 @@ def executor(options: SlurmOptions, folder: Path):
     return ex
 
 
-def submit(runs: List[Run], options: Any, folder: Path, threads: Optional[int],
-           ex: Any = None) -> Tuple[List[Tuple[Any, List[Run]]], List[str]]:
+def submit(runs: List[Run], options: Any, folder: Path,
+           threads: Optional[int]) -> Tuple[List[Tuple[Any, List[Run]]], List[str]]:
     """The teacher runs as one array, the others as a second array that starts after it (``afterany``: a
     failed teacher is retried by the runs that need it instead of leaving them pending forever); each
     task runs ``runs_per_task`` runs. Returns the (job, its runs) pairs and the job ids."""
     options = options if isinstance(options, SlurmOptions) else SlurmOptions.from_mapping(options)
-    ex = ex or executor(options, folder)
+    ex = executor(options, folder)  # a fresh one: a dependency set for one call must not reach the next
     submitted, job_ids, dependency = [], [], None
     for group in ([r for r in runs if r.role == "teacher"], [r for r in runs if r.role != "teacher"]):
         if not group:

@@ -102,7 +102,8 @@ def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, w
     spec = spec.normalised()
     out = spec.root()
     planned_runs = plan(spec)  # every check before anything is written or submitted
-    slurm_ex = runs_slurm.executor(spec.slurm, out / JOBS_DIR) if spec.executor == "slurm" else None
+    if spec.executor == "slurm":  # the options checked against the cluster before anything is written
+        runs_slurm.executor(spec.slurm, out / JOBS_DIR)
     if not wait and spec.executor != "slurm":
         raise KDLibError("--no-wait applies to --executor slurm only")
     write_plan(out / PLAN, planned_runs, {"command": spec.command(), "spec": spec.to_dict()})
@@ -111,7 +112,7 @@ def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, w
     try:
         outcomes, job_ids = execute(todo, spec.executor, folder=out / JOBS_DIR, workers=spec.workers,
                                     threads=spec.run_threads(), device=spec.device, slurm=spec.slurm,
-                                    slurm_executor=slurm_ex, progress=progress, wait=wait, verbose=verbose,
+                                    progress=progress, wait=wait, verbose=verbose,
                                     resume=spec.command(), desc="sweep")
     finally:
         summary = write_summary(out)

@@ -13,17 +13,20 @@ from kdlib.runs.summary import SUMMARY, print_tables, write_summary
 from kdlib.sweep.grid import SLURM_FLAGS, GridSpec, grid_names, load_grid, parse_overrides
 
 
-def add_execution_arguments(parser: argparse.ArgumentParser, default: str = "local") -> None:
-    """--executor, --workers, --threads, --device and the --slurm-* options."""
-    x = parser.add_argument_group("execution")
-    x.add_argument("--executor", choices=EXECUTORS if default else [e for e in EXECUTORS if e != "inline"],
-                   help=f"local{' (default)' if default == 'local' else ''}: subprocesses via submitit; slurm: array "
-                        f"jobs; pool: worker processes; inline: in this process")
+def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False) -> None:
+    """--executor, --workers, --threads, the --slurm-* options (and for a sweep --device, --no-wait)."""
+    x = parser.add_argument_group("execution" if not book else "the book's runs on an executor")
+    x.add_argument("--executor", choices=[e for e in EXECUTORS if not book or e != "inline"],
+                   help=("train every chapter's runs first, then execute the chapters: " if book else "")
+                   + "local: subprocesses via submitit" + (" (default)" if not book else "") + "; slurm: array jobs, "
+                   "the teachers' first; pool: worker processes" + ("" if book else "; inline: in this process"))
     x.add_argument("--workers", type=_int_arg, help="local and pool: runs at once (default 1)")
     x.add_argument("--threads", type=_int_arg,
                    help="torch threads of every run, under every executor (default: --slurm-cpus, at most this "
                         "machine's cores / --workers; CPU numbers depend on it)")
-    x.add_argument("--device", help="cpu, cuda or auto for every run (default auto)")
+    if not book:
+        x.add_argument("--device", help="cpu, cuda or auto for every run (default auto)")
+        x.add_argument("--no-wait", dest="wait", action="store_false", help="slurm: submit and return")
     helps = {"gpus": "GPUs per run (default 1)", "cpus": "CPUs per run (default 4)",
              "time_min": "time limit per task: minutes or [D-]HH:MM[:SS] (default 24:00:00; runs resume when "
                          "requeued)", "mem_gb": "memory per task, GB", "array_parallelism": "tasks at once (default 16)",
@@ -32,7 +35,6 @@ def add_execution_arguments(parser: argparse.ArgumentParser, default: str = "loc
         kind = {"gpus": _int_arg, "cpus": _int_arg, "array_parallelism": _int_arg, "runs_per_task": _int_arg,
                 "mem_gb": float}.get(name, str)
         x.add_argument(flag, dest=f"slurm_{name}", type=kind, help=helps.get(name))
-    x.add_argument("--no-wait", dest="wait", action="store_false", help="slurm: submit and return")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError, unknown_name
-from kdlib.runs.execute import EXECUTORS
+from kdlib.runs.executors import EXECUTORS
 from kdlib.runs.slurm import SlurmOptions
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"

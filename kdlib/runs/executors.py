@@ -36,8 +36,9 @@ except ImportError:  # pragma: no cover - submitit is a dependency; the other ex
     _JobBase = object  # type: ignore[assignment,misc]
 
 EXECUTORS = ("inline", "pool", "local", "slurm")
-#: set by `kdlib book --executor`: chapters record the runs they miss in this file instead of training them
-COLLECT_ENV = "KDLIB_COLLECT_RUNS"
+#: set by `kdlib book --executor`: chapters record the runs they miss in this file instead of training them,
+#: and stop the cell (collect mode) or, with WAIT_ENV set, wait until the book's executor has trained them
+COLLECT_ENV, WAIT_ENV = "KDLIB_COLLECT_RUNS", "KDLIB_COLLECT_WAIT"
 #: the local executor has no time limit of its own worth having (submitit's default is 2 minutes)
 _LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 
@@ -260,24 +261,27 @@ def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
     """The chapters' front door: make sure ``runs`` are finished, training what is missing here (the pool
     on a CPU, :func:`run_workers`; one by one with the engine's lines when ``verbose``). Prints nothing.
 
-    In the book's collect mode (``KDLIB_COLLECT_RUNS`` names a file) nothing is trained: the missing
-    runs are appended to that file and :class:`RunsCollected` stops the cell; a run the engine stopped
-    (non-finite loss: a result, not an accident) raises the engine's recorded error, as training it
-    again would.
+    In the book's collect mode (``KDLIB_COLLECT_RUNS`` names a file) nothing is trained here: the missing
+    runs are appended to that file, then :class:`RunsCollected` stops the cell, or (``KDLIB_COLLECT_WAIT``)
+    the call waits until the book's executor has trained them. A run the engine stopped (non-finite loss:
+    a result, not an accident) raises the engine's recorded error, as training it again would.
     """
     todo = [r for r in runs if not r.finished()]
     collect = os.environ.get(COLLECT_ENV)
     if not todo:
         return
     if collect:
-        for run in todo:
-            record = run.record() or {}
-            if record.get("status") == "failed" and record.get("error"):
-                raise KDLibError(record["error"])
+        asked = time.time()
+        _raise_recorded_failure(todo, since=0)
         with open(collect, "a") as handle:
             for run in todo:
                 handle.write(json.dumps({"role": run.role, "needs": run.needs, "config": run.config.to_dict()}) + "\n")
-        raise RunsCollected(f"{len(todo)} run(s) recorded for the book's plan: {', '.join(r.label for r in todo)}")
+        if not os.environ.get(WAIT_ENV):
+            raise RunsCollected(f"{len(todo)} run(s) recorded for the book's plan: {', '.join(r.label for r in todo)}")
+        while any(not r.finished() for r in todo):  # trained by the book's executor meanwhile
+            time.sleep(1.0)
+            _raise_recorded_failure([r for r in todo if not r.finished()], since=asked)
+        return
     workers = 1 if verbose else run_workers([r.config for r in todo if r.role != "teacher"] or [todo[0].config])
     bar = Progress(len(todo), desc="training")
     try:
@@ -287,6 +291,18 @@ def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
             run_pool(todo, bar, workers)
     finally:
         bar.close()
+
+
+def _raise_recorded_failure(runs: Sequence[Run], since: float) -> None:
+    """The error of a run the engine stopped, or (from ``since`` on) whose attempt failed, as a KDLibError."""
+    for run in runs:
+        record = run.record() or {}
+        if record.get("status") == "failed" and record.get("error"):
+            raise KDLibError(record["error"])
+        error = run.run_dir / ERROR
+        if since and error.is_file() and error.stat().st_mtime >= since - 1:
+            raise KDLibError(f"{run.label}: {json.loads(error.read_text()).get('error')} (log: "
+                             f"{json.loads(error.read_text()).get('log')})")
 
 
 # -- submitit jobs on this machine --------------------------------------------------------------------
@@ -372,11 +388,11 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
 
 
 def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 1, threads: Optional[int] = None,
-            device: Optional[str] = None, slurm: Any = None, slurm_executor: Any = None, progress: bool = True,
-            wait: bool = True, verbose: bool = False, resume: str = "the same command", desc: str = "runs") -> tuple:
+            device: Optional[str] = None, slurm: Any = None, progress: bool = True, wait: bool = True,
+            verbose: bool = False, resume: str = "the same command", desc: str = "runs") -> tuple:
     """Train ``runs`` (planned, not finished) with ``executor``; ``(outcomes, Slurm job ids)``. Runs whose
     lock another process holds are left to it (outcome ``locked``). ``folder`` holds the jobs' logs;
-    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions` (``slurm_executor``: one made beforehand)."""
+    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions`."""
     from kdlib.runs import slurm as slurm_jobs
 
     locked = [r for r in runs if RunLock.holder(r.run_dir)]
@@ -391,7 +407,7 @@ def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 
         elif todo and executor == "local":
             outcomes += run_local(todo, bar, folder, workers, threads or 1, device)
         elif todo:
-            submitted, job_ids = slurm_jobs.submit(todo, slurm, folder, threads, slurm_executor)
+            submitted, job_ids = slurm_jobs.submit(todo, slurm, folder, threads)
             if wait:
                 outcomes += slurm_jobs.wait(submitted, bar, resume)
     finally:
