@@ -1,13 +1,11 @@
 """Execute planned runs, each under its lock: in this process, in a pool of worker processes, as submitit
-jobs on this machine, or as Slurm arrays (:mod:`kdlib.runs.slurm`); and :func:`ensure`, the chapters'
-"train what is missing here", which in the book's collect mode records the runs instead.
+jobs on this machine, or as Slurm arrays (:mod:`kdlib.runs.slurm`); and :func:`ensure`, the chapters' door.
 
-Every executor trains a run through :func:`execute_run`: the run's lock (:class:`~kdlib.engine.rundir.RunLock`),
-then :func:`kdlib.engine.train` (or :func:`kdlib.teachers.train_teacher` for a teacher run), which resumes an
-interrupted run from its last completed epoch. A failure is written to ``<run dir>/run_error.json`` so the
-summaries, rebuilt from the files, know it. Teachers go first: the pool trains them here with every thread
-before its workers start, the local executor starts a run once the teacher it needs is done, Slurm runs
-the students' array after the teachers' (:mod:`kdlib.runs.slurm`).
+Every executor trains a run with :func:`execute_run`: its lock, then :func:`kdlib.engine.train` (or
+:func:`kdlib.teachers.train_teacher`), which resumes an interrupted run from its last completed epoch; a
+failure goes to ``<run dir>/run_error.json``, so summaries rebuilt from the files know it. Teachers go
+first: the pool trains them here with every thread before its workers start, the local executor starts a
+run once the teacher it needs is done, Slurm runs the students' array after the teachers'.
 """
 from __future__ import annotations
 
@@ -36,11 +34,9 @@ except ImportError:  # pragma: no cover - submitit is a dependency; the other ex
     _JobBase = object  # type: ignore[assignment,misc]
 
 EXECUTORS = ("inline", "pool", "local", "slurm")
-#: set by `kdlib book --executor`: chapters record the runs they miss in this file instead of training them,
-#: and stop the cell (collect mode) or, with WAIT_ENV set, wait until the book's executor has trained them
+#: set by `kdlib book --executor`: a chapter records the runs it lacks in this file instead of training them,
+#: then stops the cell, or with WAIT_ENV set waits until the book's executor has trained them
 COLLECT_ENV, WAIT_ENV = "KDLIB_COLLECT_RUNS", "KDLIB_COLLECT_WAIT"
-#: the local executor has no time limit of its own worth having (submitit's default is 2 minutes)
-_LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 
 
 @dataclass
@@ -52,8 +48,8 @@ class Outcome:
 
 
 class RunsCollected(BaseException):
-    """The book's collect mode stops a chapter's cell at a run it lacks (recorded for the plan). A
-    BaseException, so that a chapter's own ``except Exception`` cannot mistake it for a result."""
+    """Stops a chapter's cell at a run it lacks, in the book's collect mode: a BaseException, so that a
+    chapter's own ``except Exception`` cannot take it for a result."""
 
 
 def cores() -> int:
@@ -62,9 +58,7 @@ def cores() -> int:
 
 def last_line(exc: BaseException, limit: int = 300) -> str:
     """The line a table can show: ``Type: last line of the message`` (a FailedJobError's trace end)."""
-    text = str(exc)
-    if "----------------------" in text:  # submitit's FailedJobError: the trace sits between rulers
-        text = text.split("----------------------")[1]
+    text = str(exc).split("----------------------")[1] if "----------------------" in str(exc) else str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[-1] if lines else ""
     if not re.match(r"^[\w.]+(Error|Exception|Interrupt|Locked|Exit)\b", line):
@@ -74,8 +68,8 @@ def last_line(exc: BaseException, limit: int = 300) -> str:
 
 def write_error(run_dir: Path, message: str, detail: str = "", log: Optional[str] = None,
                 status: str = "failed") -> None:
-    """``run_error.json``: why the run's last attempt ended unfinished, ``failed`` (an error) or
-    ``incomplete`` (stopped from outside, e.g. a cancelled Slurm task: resuming continues it)."""
+    """Why the run's last attempt ended unfinished: ``failed`` (an error) or ``incomplete`` (stopped from
+    outside, e.g. a cancelled Slurm task: resuming continues it)."""
     atomic_write_json(Path(run_dir) / ERROR, {
         "error": message, "detail": detail, "log": log, "host": platform.node(), "status": status,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -83,9 +77,8 @@ def write_error(run_dir: Path, message: str, detail: str = "", log: Optional[str
 
 def execute_run(run: Run, *, threads: Optional[int] = None, cuda_visible_devices: Optional[str] = None,
                 verbose: bool = False, wait: bool = False, raise_errors: bool = False) -> Dict[str, Any]:
-    """Train one run under its lock; return ``{"status", "error"}``. ``wait``: wait for another holder of
-    the lock (then the run is usually finished), else report ``locked``. A failure is recorded, then
-    returned, or raised again with ``raise_errors`` (a chapter sees the engine's own error)."""
+    """Train one run under its lock; ``{"status", "error"}``. ``wait``: wait for another holder of the lock,
+    else report ``locked``. A failure is recorded, then returned, or with ``raise_errors`` raised again."""
     if cuda_visible_devices is not None:  # before anything initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     from kdlib import engine, teachers
@@ -98,34 +91,29 @@ def execute_run(run: Run, *, threads: Optional[int] = None, cuda_visible_devices
         with RunLock(run.run_dir, wait=wait):
             (run.run_dir / ERROR).unlink(missing_ok=True)  # a retry makes an old failure moot
             if not run.finished():
-                if run.role == "teacher":
-                    teachers.train_teacher(run.config, verbose=verbose)
-                else:
-                    engine.train(run.config, progress=False, verbose=verbose)
+                train = teachers.train_teacher if run.role == "teacher" else engine.train
+                train(run.config, verbose=verbose, **({} if run.role == "teacher" else {"progress": False}))
     except RunLocked as exc:
         return {"status": "locked", "error": str(exc)}
-    except engine.TrainingInterrupted as exc:
-        if raise_errors:
-            raise
-        return {"status": "incomplete", "error": last_line(exc)}
     except Exception as exc:  # noqa: BLE001 - recorded; one failed run must not stop the others
-        message = last_line(exc)
         try:
-            write_error(run.run_dir, message, traceback.format_exc())
+            write_error(run.run_dir, last_line(exc), traceback.format_exc())
         except OSError:
             pass  # an unwritable run directory: the returned status still says it
         if raise_errors:
             raise
-        return {"status": "failed", "error": message}
+        return {"status": "failed", "error": last_line(exc)}
+    except engine.TrainingInterrupted as exc:  # a KeyboardInterrupt: the engine kept the last epoch
+        if raise_errors:
+            raise
+        return {"status": "incomplete", "error": last_line(exc)}
     return {"status": "finished" if run.finished() else "incomplete", "error": ""}
 
 
 class RunJob(_JobBase):  # type: ignore[misc,valid-type]
-    """What each submitit job (a local job, a Slurm array task) calls: its runs, one after the other.
-
-    Being a ``submitit.helpers.Checkpointable``, a task that reaches its Slurm time limit is requeued with
-    the same arguments: finished runs are skipped and the engine resumes the others.
-    """
+    """What a submitit job (a local job, a Slurm array task) calls: its runs, one after the other. Being
+    ``Checkpointable``, a task reaching its Slurm time limit is requeued with the same arguments: finished
+    runs are skipped and the engine resumes the others."""
 
     def __init__(self, runs: List[Run], threads: Optional[int] = None, cuda_visible_devices: Optional[str] = None):
         self.runs, self.threads, self.cuda_visible_devices = list(runs), threads, cuda_visible_devices
@@ -137,13 +125,13 @@ class RunJob(_JobBase):  # type: ignore[misc,valid-type]
 
 class Progress:
     """A tqdm bar over runs on stderr, drawn on a terminal only (logs and the book's pages get nothing),
-    with counts of the outcomes; a failed run gets a line."""
+    counting the outcomes; a failed run gets a line."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "runs", enabled: bool = True):
+    def __init__(self, total: int, desc: str = "runs", enabled: bool = True):
         from tqdm import tqdm
 
         self.counts: collections.Counter = collections.Counter()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr,
+        self.bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr,
                         disable=None if enabled else True)
 
     def done(self, outcome: Outcome) -> None:
@@ -152,9 +140,6 @@ class Progress:
         self.bar.set_postfix(dict(sorted(self.counts.items())), refresh=True)
         if outcome.status == "failed" and not self.bar.disable:
             self.bar.write(f"failed: {outcome.run.label}: {outcome.error}", file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # -- in this process, and a pool of worker processes ---------------------------------------------------
@@ -183,17 +168,14 @@ def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
     count, recorded in its ``metrics.json`` (``segments[].threads``).
     """
     setting = os.environ.get("KDLIB_RUN_WORKERS", "").strip()
-    if setting:
-        if not setting.isdigit() or int(setting) < 1:
-            raise KDLibError(f"KDLIB_RUN_WORKERS must be a whole number >= 1, not {setting!r}")
-        wanted = int(setting)
-    else:
+    if setting and (not setting.isdigit() or int(setting) < 1):
+        raise KDLibError(f"KDLIB_RUN_WORKERS must be a whole number >= 1, not {setting!r}")
+    if not setting:
         import torch
 
         on_gpu = any(str(c.device).startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
                      for c in configs)
-        wanted = 1 if on_gpu else cores()
-    return max(1, min(wanted, len(configs)))
+    return max(1, min(int(setting) if setting else 1 if on_gpu else cores(), len(configs)))
 
 
 _POOL: Dict[tuple, Any] = {}
@@ -208,11 +190,9 @@ def _worker_ignores_interrupts() -> None:
 
 
 def worker_pool(workers: int):
-    """A process pool kept for the life of this process (a chapter asks for runs several times).
-
-    Workers read ``KDLIB_HOME`` and the other settings from the environment they were started with, so a
-    changed environment gets a new pool.
-    """
+    """A process pool kept for the life of this process (a chapter asks for runs several times); a changed
+    environment (``KDLIB_HOME``, ...) gets a new one. Spawned, not forked: forking a process whose OpenMP
+    threads have run can hang the child."""
     import atexit
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -222,7 +202,6 @@ def worker_pool(workers: int):
         for old in _POOL.values():
             old.shutdown(wait=True)
         _POOL.clear()
-        # spawn, not fork: forking a process whose OpenMP threads have run can hang the child
         _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_worker_ignores_interrupts)
         atexit.register(_POOL[key].shutdown, wait=False, cancel_futures=True)
@@ -236,19 +215,15 @@ def _in_worker(run: Run, threads: int, raise_errors: bool) -> Dict[str, Any]:
 def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: bool = True) -> List[Outcome]:
     """Teachers here with every thread, then the other runs ``workers`` at a time with ``cores // workers``
     threads each. With ``raise_errors`` the first error is raised once the runs not started yet are dropped
-    (a run already training finishes in its worker, its lock keeping anyone else out, and is reused next
-    time)."""
+    (a run already training finishes in its worker, its lock keeping others out, and is reused next time)."""
     from concurrent.futures import as_completed
 
-    teachers = [r for r in runs if r.role == "teacher"]
-    outcomes = run_inline(teachers, bar, wait=True, raise_errors=raise_errors)
-    threads = max(1, cores() // workers)
-    pool = worker_pool(workers)
+    outcomes = run_inline([r for r in runs if r.role == "teacher"], bar, wait=True, raise_errors=raise_errors)
+    threads, pool = max(1, cores() // workers), worker_pool(workers)
     futures = {pool.submit(_in_worker, run, threads, raise_errors): run for run in runs if run.role != "teacher"}
     try:
         for future in as_completed(futures):
-            result = future.result()
-            outcomes.append(Outcome(futures[future], result["status"], result["error"]))
+            outcomes.append(Outcome(futures[future], future.result()["status"], future.result()["error"]))
             bar.done(outcomes[-1])
     except BaseException:
         for future in futures:
@@ -258,51 +233,45 @@ def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: boo
 
 
 def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
-    """The chapters' front door: make sure ``runs`` are finished, training what is missing here (the pool
-    on a CPU, :func:`run_workers`; one by one with the engine's lines when ``verbose``). Prints nothing.
+    """The chapters' door: make sure ``runs`` are finished, training what is missing here (the pool on a
+    CPU, :func:`run_workers`; one by one with the engine's lines when ``verbose``). Prints nothing.
 
-    In the book's collect mode (``KDLIB_COLLECT_RUNS`` names a file) nothing is trained here: the missing
+    In the book's executor path (``KDLIB_COLLECT_RUNS`` names a file) nothing is trained here: the missing
     runs are appended to that file, then :class:`RunsCollected` stops the cell, or (``KDLIB_COLLECT_WAIT``)
     the call waits until the book's executor has trained them. A run the engine stopped (non-finite loss:
     a result, not an accident) raises the engine's recorded error, as training it again would.
     """
-    todo = [r for r in runs if not r.finished()]
-    collect = os.environ.get(COLLECT_ENV)
-    if not todo:
-        return
-    if collect:
+    todo, collect = [r for r in runs if not r.finished()], os.environ.get(COLLECT_ENV)
+    if todo and collect:
         asked = time.time()
         _raise_recorded_failure(todo, since=0)
         with open(collect, "a") as handle:
-            for run in todo:
-                handle.write(json.dumps({"role": run.role, "needs": run.needs, "config": run.config.to_dict()}) + "\n")
+            handle.writelines(json.dumps({"role": r.role, "needs": r.needs, "config": r.config.to_dict()}) + "\n"
+                              for r in todo)
         if not os.environ.get(WAIT_ENV):
             raise RunsCollected(f"{len(todo)} run(s) recorded for the book's plan: {', '.join(r.label for r in todo)}")
         while any(not r.finished() for r in todo):  # trained by the book's executor meanwhile
             time.sleep(1.0)
             _raise_recorded_failure([r for r in todo if not r.finished()], since=asked)
-        return
-    workers = 1 if verbose else run_workers([r.config for r in todo if r.role != "teacher"] or [todo[0].config])
-    bar = Progress(len(todo), desc="training")
-    try:
-        if workers == 1:
-            run_inline(todo, bar, verbose=verbose, wait=True, raise_errors=True)
-        else:
-            run_pool(todo, bar, workers)
-    finally:
-        bar.close()
+    elif todo:
+        workers = 1 if verbose else run_workers([r.config for r in todo if r.role != "teacher"] or [todo[0].config])
+        bar = Progress(len(todo), desc="training")
+        try:
+            run_inline(todo, bar, verbose=verbose, wait=True, raise_errors=True) if workers == 1 \
+                else run_pool(todo, bar, workers)
+        finally:
+            bar.bar.close()
 
 
 def _raise_recorded_failure(runs: Sequence[Run], since: float) -> None:
     """The error of a run the engine stopped, or (from ``since`` on) whose attempt failed, as a KDLibError."""
     for run in runs:
-        record = run.record() or {}
+        record, error = run.record() or {}, run.run_dir / ERROR
         if record.get("status") == "failed" and record.get("error"):
             raise KDLibError(record["error"])
-        error = run.run_dir / ERROR
         if since and error.is_file() and error.stat().st_mtime >= since - 1:
-            raise KDLibError(f"{run.label}: {json.loads(error.read_text()).get('error')} (log: "
-                             f"{json.loads(error.read_text()).get('log')})")
+            raise KDLibError(f"{run.label}: {json.loads(error.read_text()).get('error')} "
+                             f"(log: {json.loads(error.read_text()).get('log')})")
 
 
 # -- submitit jobs on this machine --------------------------------------------------------------------
@@ -326,23 +295,10 @@ def job_outcome(runs: List[Run], job: Any) -> Optional[List[Outcome]]:
         exc = job.exception() or RuntimeError(f"job {job.job_id} ended without a result")
     else:
         return None
-    message = last_line(exc)
     for run in runs:
         if not run.finished():
-            write_error(run.run_dir, message, str(exc), log)
-    return [Outcome(run, "finished" if run.finished() else "failed", message, log) for run in runs]
-
-
-def local_gpus(device: Optional[str]) -> List[str]:
-    """Device ids (as CUDA_VISIBLE_DEVICES entries) the local workers share round-robin."""
-    if device is not None and not str(device).startswith(("auto", "cuda")):
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
+            write_error(run.run_dir, last_line(exc), str(exc), log)
+    return [Outcome(run, "finished" if run.finished() else "failed", last_line(exc), log) for run in runs]
 
 
 def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, threads: int,
@@ -352,30 +308,30 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
     import submitit
 
     executor = submitit.LocalExecutor(folder=str(folder))
-    executor.update_parameters(timeout_min=_LOCAL_TIMEOUT_MIN, gpus_per_node=0)
-    gpus = local_gpus(device)
+    executor.update_parameters(timeout_min=60 * 24 * 365, gpus_per_node=0)  # submitit's default limit: 2 min
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [] if device is not None and not str(device).startswith(("auto", "cuda")) else \
+        [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else \
+        [str(i) for i in range(__import__("torch").cuda.device_count())]
     pending, running, outcomes = list(runs), {}, []
-    waiting_for = {str(r.run_dir) for r in runs}  # teacher runs not done yet
+    unfinished_teachers = {str(r.run_dir) for r in runs if r.role == "teacher"}
     try:
         while pending or running:
             for slot in [s for s in range(workers) if s not in running]:
-                ready = next((r for r in pending if r.needs not in waiting_for), None)
+                ready = next((r for r in pending if r.needs not in unfinished_teachers), None)
                 if ready is None:
                     break
                 pending.remove(ready)
-                gpu = "" if not gpus else ",".join(gpus) if re.fullmatch(r"cuda:\d+", str(device)) else gpus[slot % len(gpus)]
+                gpu = ",".join(gpus) if re.fullmatch(r"cuda:\d+", str(device)) else gpus[slot % len(gpus)] if gpus else ""
                 running[slot] = (executor.submit(RunJob([ready], threads, gpu)), ready)
-            finished = False
             for slot, (job, run) in list(running.items()):
                 done = job_outcome([run], job)
                 if done is not None:
                     del running[slot]
-                    waiting_for.discard(str(run.run_dir))
+                    unfinished_teachers.discard(str(run.run_dir))
                     outcomes += done
                     bar.done(done[0])
-                    finished = True
-            if not finished:
-                time.sleep(0.5)
+            time.sleep(0.5)
     except KeyboardInterrupt:  # SIGINT to every running job; the engine keeps each run's last epoch
         jobs = [job for job, _ in running.values()]
         for job in jobs:
@@ -390,15 +346,14 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
 def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 1, threads: Optional[int] = None,
             device: Optional[str] = None, slurm: Any = None, progress: bool = True, wait: bool = True,
             verbose: bool = False, resume: str = "the same command", desc: str = "runs") -> tuple:
-    """Train ``runs`` (planned, not finished) with ``executor``; ``(outcomes, Slurm job ids)``. Runs whose
-    lock another process holds are left to it (outcome ``locked``). ``folder`` holds the jobs' logs;
-    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions`."""
+    """Train ``runs`` (planned, not finished) with ``executor``; ``(outcomes, Slurm job ids)``. A run whose
+    lock another process holds is left to it (outcome ``locked``). ``folder`` holds the jobs' logs,
+    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions`, ``resume`` the command that resumes them."""
     from kdlib.runs import slurm as slurm_jobs
 
-    locked = [r for r in runs if RunLock.holder(r.run_dir)]
-    todo = [r for r in runs if r not in locked]
+    outcomes = [Outcome(r, "locked", RunLock.holder(r.run_dir) or "") for r in runs if RunLock.holder(r.run_dir)]
+    todo, job_ids = [r for r in runs if r not in [o.run for o in outcomes]], []
     bar = Progress(len(todo), desc=desc, enabled=progress)
-    outcomes, job_ids = [Outcome(r, "locked", RunLock.holder(r.run_dir) or "") for r in locked], []
     try:
         if todo and executor == "inline":
             outcomes += run_inline(todo, bar, threads=threads, verbose=verbose)
@@ -408,8 +363,7 @@ def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 
             outcomes += run_local(todo, bar, folder, workers, threads or 1, device)
         elif todo:
             submitted, job_ids = slurm_jobs.submit(todo, slurm, folder, threads)
-            if wait:
-                outcomes += slurm_jobs.wait(submitted, bar, resume)
+            outcomes += slurm_jobs.wait(submitted, bar, resume) if wait else []
     finally:
-        bar.close()
+        bar.bar.close()
     return outcomes, job_ids

@@ -77,7 +77,8 @@ class Run:
         if self.role == "teacher":
             return f"teacher {c.student} ({c.profile}, {c.epochs} epochs, seed {c.seed})"
         pair = f"{c.teacher}->{c.student}" if c.uses_teacher else c.student
-        return f"{c.method} {pair} seed {c.seed}"
+        params = ", ".join(f"{k}={v}" for k, v in sorted((c.method_params or {}).items()) if k != "warmup")
+        return f"{c.method} {pair} seed {c.seed}" + (f" ({params})" if params else "")
 
     def record(self) -> Optional[Dict[str, Any]]:
         try:

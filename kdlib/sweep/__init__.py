@@ -2,45 +2,21 @@
 
 Examples::
 
-    python -m kdlib sweep --methods kd,dkd --pairs resnet20:resnet8 --seeds 0,1 --dataset synthetic \\
-        --epochs 1 --executor local --workers 2
+    python -m kdlib sweep --methods kd,dkd --pairs resnet20:resnet8 --seeds 0,1 --epochs 1 --workers 2
     python -m kdlib sweep --config paper --executor slurm --slurm-partition gpu --out sweeps/paper \\
         --teacher-checkpoint-dir download_ckpts/cifar_teachers
     python -m kdlib sweep --summarize-only --out sweeps/paper
 
-What happens, in order:
-
-1. **Grid.** The grid comes from the flags, from a YAML file (``--config FILE``, or the name of a shipped
-   grid in ``kdlib/grids/``: ``paper``, ``course``, ``smoke``), or both; flags win over the file and
-   ``--set`` items are applied after the file's. ``vanilla`` among the methods trains each distinct
-   student alone (one run per student and seed, no teacher).
-2. **Plan** (:mod:`kdlib.runs`). Every run's recipe comes from :func:`kdlib.config.make_config`, and its
-   directory from what the run *is*, the same directory a chapter of the book gives it::
-
-       OUT/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>   (vanilla: <method>-<student>-...)
-
-   ``OUT`` defaults to ``$KDLIB_HOME``, so what a sweep trains the book's chapters reuse, and the other
-   way round. Teachers to train are runs of their own, planned first. Everything is validated before
-   anything is submitted: unknown names, malformed pairs or ``--set`` items, missing teacher checkpoints,
-   and run directories holding a *different* run are :class:`~kdlib.errors.KDLibError` (exit 2).
-   ``OUT/sweep.json`` keeps every planned run with its resolved recipe; ``--dry-run`` prints the plan.
-3. **Run.** A finished run is skipped without a job. Every other run goes to the executor: ``local``
-   (submitit's ``LocalExecutor``: subprocesses, at most ``--workers`` at once, GPUs handed out
-   round-robin), ``slurm`` (array jobs, teachers' first; ``--no-wait`` submits and returns), ``pool``
-   (worker processes) or ``inline`` (this process: tests, notebooks, debugging). The engine resumes an
-   interrupted run from its last completed epoch.
-4. **Locks.** Whoever trains a run holds its lock (:class:`kdlib.engine.rundir.RunLock`): two workers,
-   sweeps or chapters never train one run at once, and a crashed worker never blocks a run.
-5. **Records.** ``OUT/summary.csv`` (one row per run) and ``OUT/aggregate.csv`` (mean +- std over seeds
-   per method, pair and recipe) are rebuilt from the runs' records (:mod:`kdlib.runs.summary`), so
-   ``--summarize-only`` regenerates them at any time. A failed run is recorded in
-   ``<run dir>/run_error.json`` and the others go on. Exit code 0 when every run of the grid finished.
-
-Teacher checkpoints: ``--teacher-checkpoint ARCH=PATH`` (YAML ``teacher_checkpoints: {ARCH: PATH}``) or
-``--teacher-checkpoint-dir DIR`` (YAML ``teacher_checkpoint_dir``), which looks for
-``{dir}/{teacher}_vanilla/ckpt_epoch_240.pth``, the layout of the community ``cifar_teachers.tar``
-(mdistiller's release; ``teacher_checkpoint_pattern`` changes it). Teachers without a checkpoint are
-trained once with the profile's teacher recipe and cached.
+The grid comes from the flags, a YAML file (``--config FILE`` or a shipped grid of ``kdlib/grids/``) or
+both, flags winning. The run layer (:mod:`kdlib.runs`) plans it -- every run in the directory its
+identity names, ``OUT/runs/<profile>/<method>-<pair>-s<seed>-<hash>``, the same a chapter of the book
+gives it (``OUT`` defaults to ``$KDLIB_HOME``: the book reuses what a sweep trained, and the other way
+round), teachers to train first -- checks everything before anything is submitted, skips finished runs,
+runs the rest (``local``, ``slurm``, ``pool`` or ``inline``), and rebuilds ``OUT/summary.csv`` and
+``OUT/aggregate.csv`` from the records. ``OUT/sweep.json`` keeps every planned run's resolved recipe;
+``--dry-run`` prints the plan. Teacher checkpoints: ``--teacher-checkpoint ARCH=PATH`` or
+``--teacher-checkpoint-dir DIR`` (the community layout ``{dir}/{teacher}_vanilla/ckpt_epoch_240.pth``).
+Exit code 0 when every run of the grid finished, 1 otherwise.
 """
 from __future__ import annotations
 

@@ -129,7 +129,6 @@ class GridSpec:
             methods.get(name)  # unknown method -> KDLibError listing the valid ones
         preset = kconfig.PROFILES[spec.profile]
         pairs = spec.pairs or [(preset["teacher"], preset["student"])]
-        _check_architectures(pairs, spec.teacher_checkpoints)
         scoped = scope_overrides(spec.overrides, spec.methods)
         checkpoints = self._checkpoints(pairs)
         shared = {"teachers_dir": os.path.abspath(os.path.expanduser(str(spec.teachers_dir or spec.root() / "teachers"))),
@@ -205,20 +204,6 @@ def _at(source: str) -> str:
     return f"{source}: " if source else ""
 
 
-def _check_architectures(pairs: List[Tuple[str, str]], checkpoints: Mapping[str, str]) -> None:
-    from kdlib import models
-
-    archs = list(models.names())
-    for teacher, student in pairs:
-        for role, name in (("teacher", teacher), ("student", student)):
-            if name not in archs:
-                raise KDLibError(f"unknown {role} architecture {name!r} in pair {teacher}:{student}; valid "
-                                 f"architectures: {', '.join(archs)}")
-    for name in checkpoints:
-        if name not in archs:
-            raise KDLibError(f"teacher checkpoint given for unknown architecture {name!r}")
-
-
 def scope_overrides(overrides: List[str], method_names: List[str]) -> Dict[str, List[str]]:
     """The ``--set`` items each method's runs receive.
 
@@ -258,14 +243,12 @@ def scope_overrides(overrides: List[str], method_names: List[str]) -> Dict[str, 
 
 
 def _as_list(value: Any, name: str, source: str) -> List[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [value]
     if isinstance(value, (list, tuple)):
         return [x for item in value for x in (_as_list(item, name, source) if isinstance(item, str) else [item])]
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [] if value is None else [value]
     raise KDLibError(f"{_at(source)}{name} must be a list or a comma-separated string, got {value!r}")
 
 
@@ -290,11 +273,9 @@ def _parse_pair(value: Any, source: str) -> Tuple[str, str]:
 
 
 def _seed_ranges(items: List[Any]) -> List[Any]:
-    out: List[Any] = []
-    for item in items:
-        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", item) if isinstance(item, str) else None
-        out.extend(range(int(match.group(1)), int(match.group(2)) + 1) if match else [item])
-    return out
+    matches = [(item, re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", item) if isinstance(item, str) else None)
+               for item in items]
+    return [x for item, m in matches for x in (range(int(m.group(1)), int(m.group(2)) + 1) if m else [item])]
 
 
 def _whole(value: Any, name: str, source: str, minimum: int = 1) -> int:
