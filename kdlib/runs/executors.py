@@ -341,29 +341,3 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
             time.sleep(0.5)
         raise
     return outcomes
-
-
-def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 1, threads: Optional[int] = None,
-            device: Optional[str] = None, slurm: Any = None, progress: bool = True, wait: bool = True,
-            verbose: bool = False, resume: str = "the same command", desc: str = "runs") -> tuple:
-    """Train ``runs`` (planned, not finished) with ``executor``; ``(outcomes, Slurm job ids)``. A run whose
-    lock another process holds is left to it (outcome ``locked``). ``folder`` holds the jobs' logs,
-    ``slurm`` the :class:`~kdlib.runs.slurm.SlurmOptions`, ``resume`` the command that resumes them."""
-    from kdlib.runs import slurm as slurm_jobs
-
-    outcomes = [Outcome(r, "locked", RunLock.holder(r.run_dir) or "") for r in runs if RunLock.holder(r.run_dir)]
-    todo, job_ids = [r for r in runs if r not in [o.run for o in outcomes]], []
-    bar = Progress(len(todo), desc=desc, enabled=progress)
-    try:
-        if todo and executor == "inline":
-            outcomes += run_inline(todo, bar, threads=threads, verbose=verbose)
-        elif todo and executor == "pool":
-            outcomes += run_pool(todo, bar, workers, raise_errors=False)
-        elif todo and executor == "local":
-            outcomes += run_local(todo, bar, folder, workers, threads or 1, device)
-        elif todo:
-            submitted, job_ids = slurm_jobs.submit(todo, slurm, folder, threads)
-            outcomes += slurm_jobs.wait(submitted, bar, resume) if wait else []
-    finally:
-        bar.bar.close()
-    return outcomes, job_ids

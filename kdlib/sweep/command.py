@@ -11,6 +11,7 @@ from kdlib.errors import KDLibError
 from kdlib.runs import EXECUTORS, plan, print_plan
 from kdlib.runs.summary import SUMMARY, print_tables, write_summary
 from kdlib.sweep.grid import SLURM_FLAGS, GridSpec, grid_names, load_grid, parse_overrides
+from kdlib.sweep.runner import run_sweep
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False) -> None:
@@ -105,8 +106,6 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdlib.sweep import run_sweep
-
     if args.summarize_only:
         out = Path(args.out).expanduser() if args.out else GridSpec().root()
         print_tables(write_summary(out))
