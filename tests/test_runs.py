@@ -91,7 +91,8 @@ def test_a_planned_run_keeps_its_resolved_recipe_and_the_cli_prints_it(tmp_path,
     out = capsys.readouterr().out
     teacher, student = runs.plan([make_config("paper", method="dkd", seed=2, overrides=["beta=4"])])
     assert str(student.run_dir) in out and str(teacher.run_dir) in out and "beta=4.0" in out
-    recipe = json.loads(out[out.index("{", out.index(str(student.run_dir))):].split("\n}")[0] + "\n}")
+    header = f"{student.label}: {student.run_dir}\n"  # then the recipe the run will train with, as JSON
+    recipe = json.loads(out[out.index(header) + len(header):].split("\n}")[0] + "\n}")
     assert recipe["lr"] == 0.05 and recipe["milestones"] == [150, 180, 210] and recipe["method_params"]["beta"] == 4
     assert recipe["method_params"]["warmup"] == 20 and recipe["teacher_lr"] == 0.05
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
