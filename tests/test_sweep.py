@@ -24,7 +24,7 @@ from kdlib import cli, engine, sweep
 from kdlib.config import make_config
 from kdlib.engine.rundir import LOCK, RunLock, RunLocked
 from kdlib.errors import KDLibError
-from kdlib.runs import Run, execute_run
+from kdlib.runs import execute_run
 
 from conftest import TINY
 
@@ -46,7 +46,7 @@ def tiny_dir(method: str, seed: int) -> str:
     """The directory of a tiny grid run, relative to the sweep's folder, from the documented scheme:
     ``runs/<profile>/<method>-<teacher>-<student>-s<seed>-<identity hash>``, the hash of the resolved recipe
     without the execution fields (computed here from that definition, not from the sweep's code)."""
-    cfg = make_config("smoke", method=method, teacher="resnet8", student="resnet8", seed=seed, epochs=1,
+    cfg = make_config("smoke", method=method, teacher="resnet8", student="resnet8", seed=int(seed), epochs=1,
                       dataset="synthetic", train_per_class=TINY["train_per_class"],
                       test_per_class=TINY["test_per_class"], teacher_epochs=TINY["teacher_epochs"])
     identity = cfg.resolved().to_dict()
