@@ -410,8 +410,9 @@ def run(args: argparse.Namespace) -> int:
         todo.append(name)
     jobs = args.jobs or _cores()
     if args.executor:
-        if run_book_on_executor(root, staging, todo, args, jobs):
-            return 1
+        status = run_book_on_executor(root, staging, todo, args, jobs)
+        if status or args.plan:
+            return status
         todo = []  # every chapter executed, its runs found
     # the first chapter trains the shared teacher and the last reads every run: they run alone
     alone_first, side_by_side, alone_last = (todo[:1], todo[1:-1], todo[-1:]) if jobs > 1 and len(todo) >= 4 \
@@ -480,15 +481,16 @@ class BookRuns:
                                                   _cores() // self.workers))
         self.seen, self.failed, self.offsets, self.queue, self.thread = set(), {}, {}, [], None
 
-    def asked(self) -> Dict[str, list]:
-        """Per chapter, the runs its collect file names (all of them)."""
+    def asked(self, missing: bool = False) -> Dict[str, list]:
+        """Per chapter, the runs it asked for (only those it lacked then: ``missing``), each once."""
         from kdlib.config import RunConfig
         from kdlib.runs import Run
 
         found = {}
         for path in sorted(self.folder.glob("*.jsonl")):
-            lines = path.read_text().splitlines()
-            found[path.stem] = [Run(RunConfig.from_dict(e["config"]), e["role"], e["needs"]) for e in map(json.loads, lines)]
+            entries = [e for e in map(json.loads, path.read_text().splitlines()) if e["missing"] or not missing]
+            found[path.stem] = list({e["config"]["out"]: Run(RunConfig.from_dict(e["config"]), e["role"], e["needs"])
+                                     for e in entries}.values())
         return found
 
     def new(self) -> list:
@@ -573,17 +575,20 @@ def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argp
     todo = book.new()
     print(f"collected: {len(todo)} runs to train ({sum(r.role == 'teacher' for r in todo)} teachers) for "
           f"{len(names)} chapters in {time.perf_counter() - start:.0f} s", flush=True)
-    runs.write_plan(book.home / f"book-{args.profile}.json", todo, {"command": book.command})
+    runs.write_plan(book.home / f"book-{args.profile}.json", todo, {"command": book.command, "chapters": {
+        name: [r.label for r in asked] for name, asked in book.asked().items()}})
     if args.plan:
         runs.print_plan(todo, verbose=args.verbose)
-        print(f"\n{len(todo)} runs planned (chapters may ask for more once these are trained); their resolved "
+        for name, asked in book.asked().items():
+            print(f"{name}: {len(asked)} runs, {sum(not r.finished() for r in asked)} to train")
+        print(f"\n{len(todo)} runs to train (chapters may ask for more once these are trained); their resolved "
               f"recipes: {book.home / f'book-{args.profile}.json'}")
         return 0
     book.train(todo, "collected")
     if book.failed:
         return book.report()
-    asked = book.asked()  # a chapter that asked for nothing and shows no error has executed completely
-    names = [n for n in names if Path(n).name in asked or chapter_error(staging / f"{n}.ipynb")]
+    lacked = book.asked(missing=True)  # a chapter that lacked no run and shows no error has executed completely
+    names = [n for n in names if lacked.get(Path(n).name) or chapter_error(staging / f"{n}.ipynb")]
     shutil.rmtree(folder)
     folder.mkdir()
     try:

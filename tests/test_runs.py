@@ -72,7 +72,7 @@ def test_collect_mode_records_the_missing_runs_and_stops_the_cell(tmp_path, monk
     with pytest.raises(runs.RunsCollected, match="1 run"):
         runs.ensure(planned)
     (entry,) = [json.loads(line) for line in (tmp_path / "asked.jsonl").read_text().splitlines()]
-    assert entry["role"] == "run" and entry["config"]["out"] == str(planned[0].run_dir)
+    assert entry["role"] == "run" and entry["missing"] and entry["config"]["out"] == str(planned[0].run_dir)
     assert not planned[0].run_dir.exists()  # nothing trained
     assert not issubclass(runs.RunsCollected, Exception)  # a chapter's `except Exception` cannot swallow it
     # a run the engine stopped (non-finite loss) is a result: the chapter sees the engine's error, as it would

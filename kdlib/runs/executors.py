@@ -242,12 +242,13 @@ def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
     a result, not an accident) raises the engine's recorded error, as training it again would.
     """
     todo, collect = [r for r in runs if not r.finished()], os.environ.get(COLLECT_ENV)
+    if collect:  # every run the chapter asks for (a plan with its finished runs too), what it lacks marked
+        with open(collect, "a") as handle:
+            handle.writelines(json.dumps({"role": r.role, "needs": r.needs, "config": r.config.to_dict(),
+                                          "missing": r in todo}) + "\n" for r in runs)
     if todo and collect:
         asked = time.time()
         _raise_recorded_failure(todo, since=0)
-        with open(collect, "a") as handle:
-            handle.writelines(json.dumps({"role": r.role, "needs": r.needs, "config": r.config.to_dict()}) + "\n"
-                              for r in todo)
         if not os.environ.get(WAIT_ENV):
             raise RunsCollected(f"{len(todo)} run(s) recorded for the book's plan: {', '.join(r.label for r in todo)}")
         while any(not r.finished() for r in todo):  # trained by the book's executor meanwhile
