@@ -594,7 +594,8 @@ def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argp
     try:
         if names:
             _execute_in_subprocesses(root, names, args, jobs, extra=[*extra, "--wait-runs"], poll=book.poll)
-    finally:
+    finally:  # also when a chapter failed: the runs that failed, and how to resume, are named
         if book.thread is not None:
             book.thread.join()
-    return book.report()
+        status = book.report()
+    return status

@@ -75,7 +75,7 @@ class Run:
     def label(self) -> str:
         c = self.config
         if self.role == "teacher":
-            return f"teacher {c.student} ({c.profile}, {c.epochs} epochs, seed {c.seed})"
+            return f"teacher {c.student} ({c.profile}, {c.epochs} epoch{'s' if c.epochs != 1 else ''}, seed {c.seed})"
         pair = f"{c.teacher}->{c.student}" if c.uses_teacher else c.student
         params = ", ".join(f"{k}={v}" for k, v in sorted((c.method_params or {}).items()) if k != "warmup")
         return f"{c.method} {pair} seed {c.seed}" + (f" ({params})" if params else "")
