@@ -130,13 +130,20 @@ class ExecutedChapters:
                 "--slurm-time", "10", "--slurm-runs-per-task", "8", "--staging", str(self.staging)]
         for name, value in self.parameters.items():
             argv += ["--profile", value] if name == "profile" else ["-p", name, json.dumps(value)]
-        mp = self._environment()
-        start = time.perf_counter()
-        try:
-            status = bookbuild.run(parser.parse_args(argv))
-        finally:
-            mp.undo()
-        self.slurm = {"status": status, "seconds": time.perf_counter() - start}
+        from kdlib.engine.rundir import RunLock
+
+        done = self.staging.parent / "slurm.json"  # test processes side by side (xdist) share one build
+        with RunLock(self.staging.parent, wait=True):
+            if not done.is_file():
+                mp = self._environment()
+                start = time.perf_counter()
+                try:
+                    status = bookbuild.run(parser.parse_args(argv))
+                finally:
+                    mp.undo()
+                done.write_text(json.dumps({"status": status, "seconds": time.perf_counter() - start}))
+        self.slurm = json.loads(done.read_text())
+        status = self.slurm["status"]
         for name in bookbuild.toc_files(self.root):
             if bookbuild.is_notebook(bookbuild.source_of(self.root, name)):
                 dst = self.staging / f"{name}.ipynb"
@@ -221,9 +228,14 @@ def tiny_chapters(tmp_path_factory, request):
     When the session includes test_book_slurm.py and a Slurm cluster answers, the whole book is executed
     the cluster way (:meth:`ExecutedChapters.on_slurm`) and every chapter test checks those pages: the
     runs move from the chapters' kernels to Slurm jobs (same numbers: one thread either way)."""
-    base = tmp_path_factory.mktemp("tiny_book")
+    on_slurm = any(item.path.name == "test_book_slurm.py" for item in request.session.items) \
+        and not slurm_cluster_reason()
+    if on_slurm and os.environ.get("PYTEST_XDIST_WORKER"):  # one Slurm build for every test process
+        base = tmp_path_factory.getbasetemp().parent / "tiny_book_slurm"
+    else:
+        base = tmp_path_factory.mktemp("tiny_book")
     chapters = ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)
     chapters.slurm = None
-    if any(item.path.name == "test_book_slurm.py" for item in request.session.items) and not slurm_cluster_reason():
+    if on_slurm:
         chapters.on_slurm()
     return chapters
