@@ -477,8 +477,8 @@ class BookRuns:
         self.options = runs.SlurmOptions.from_mapping(slurm_from_args(args))
         if args.executor == "slurm":  # the options checked against the cluster before any chapter runs
             runs.slurm.executor(self.options, self.home / "jobs")
-        self.threads = args.threads or max(1, min(self.options.cpus if args.executor == "slurm" else _cores(),
-                                                  _cores() // self.workers))
+        self.threads = runs.run_threads(args.threads, self.options.cpus if args.executor == "slurm" else _cores(),
+                                        self.workers)
         self.seen, self.failed, self.offsets, self.queue, self.thread = set(), {}, {}, [], None
 
     def asked(self, missing: bool = False) -> Dict[str, list]:

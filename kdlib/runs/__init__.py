@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 from kdlib.engine.rundir import RunLock
 from kdlib.runs import slurm as slurm_jobs
 from kdlib.runs.executors import (COLLECT_ENV, EXECUTORS, WAIT_ENV, Outcome, Progress, RunJob, RunsCollected, ensure,
-                                  execute_run, run_inline, run_local, run_pool, run_workers, worker_pool)
+                                  execute_run, run_inline, run_local, run_pool, run_threads, run_workers,
+                                  worker_pool)
 from kdlib.runs.plan import ERROR, Run, planned_runs, plan, print_plan, read_plan, run_directory, write_plan
 from kdlib.runs.slurm import SlurmOptions, parse_time_minutes
 from kdlib.runs.summary import aggregate, per_class_table, read_summary, summarize, write_summary
@@ -49,6 +50,6 @@ def execute(runs: Sequence[Run], executor: str, *, folder: Path, workers: int = 
 
 
 __all__ = ["Run", "plan", "print_plan", "run_directory", "write_plan", "read_plan", "planned_runs", "ensure", "execute",
-           "execute_run", "run_workers", "worker_pool", "Outcome", "RunJob", "RunsCollected", "SlurmOptions",
+           "execute_run", "run_threads", "run_workers", "worker_pool", "Outcome", "RunJob", "RunsCollected", "SlurmOptions",
            "parse_time_minutes", "summarize", "write_summary", "read_summary", "aggregate", "per_class_table",
            "EXECUTORS", "COLLECT_ENV", "WAIT_ENV", "ERROR"]

@@ -56,6 +56,18 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def run_threads(threads: Optional[int], cpus: int, workers: int) -> int:
+    """The torch thread count of every run of a sweep or a book build, the same under every executor.
+
+    On a CPU the thread count changes a run's numbers (reductions split across threads add in another
+    order), while the run keeps its identity. Were it left to each executor (local: cores / workers,
+    Slurm: the task's CPUs), one run would give one number locally and another on the cluster. So it is
+    one explicit value: ``threads``, else the CPUs of a Slurm task, at most this machine's cores shared by
+    ``workers``. The engine records it in each segment of ``metrics.json`` (``segments[].threads``).
+    """
+    return int(threads) if threads is not None else max(1, min(int(cpus), (os.cpu_count() or 1) // max(1, workers)))
+
+
 def last_line(exc: BaseException, limit: int = 300) -> str:
     """The line a table can show: ``Type: last line of the message`` (a FailedJobError's trace end)."""
     text = str(exc).split("----------------------")[1] if "----------------------" in str(exc) else str(exc)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError, unknown_name
-from kdlib.runs.executors import EXECUTORS
+from kdlib.runs.executors import EXECUTORS, run_threads
 from kdlib.runs.slurm import SlurmOptions
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
@@ -105,18 +105,8 @@ class GridSpec:
         return Path(self.out).expanduser().absolute() if self.out else kconfig.kdlib_home()
 
     def run_threads(self) -> int:
-        """The torch thread count of every run of this grid, the same under every executor.
-
-        On a CPU the thread count changes a run's numbers (reductions split across threads add in another
-        order), while the run keeps its identity. Were it left to each executor (local: cores / workers,
-        Slurm: the task's CPUs, inline: the caller's), one run would give one number locally and another
-        on the cluster. So it is one explicit value computed from the grid alone, never from the executor:
-        ``threads``, else the CPUs of a Slurm task (``slurm.cpus``), at most this machine's cores shared
-        by ``workers``. The engine records it in each segment of ``metrics.json`` (``segments[].threads``).
-        """
-        if self.threads is not None:
-            return int(self.threads)
-        return max(1, min(int(self.slurm.cpus), (os.cpu_count() or 1) // max(1, int(self.workers))))
+        """The thread count of every run of the grid, whatever the executor (:func:`kdlib.runs.run_threads`)."""
+        return run_threads(self.threads, self.slurm.cpus, self.workers)
 
     def configs(self) -> List[kconfig.RunConfig]:
         """Every run's validated config, or a :class:`KDLibError` naming the run and what is wrong."""
