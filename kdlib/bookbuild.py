@@ -575,8 +575,9 @@ def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argp
     todo = book.new()
     print(f"collected: {len(todo)} runs to train ({sum(r.role == 'teacher' for r in todo)} teachers) for "
           f"{len(names)} chapters in {time.perf_counter() - start:.0f} s", flush=True)
-    runs.write_plan(book.home / f"book-{args.profile}.json", todo, {"command": book.command, "chapters": {
-        name: [r.label for r in asked] for name, asked in book.asked().items()}})
+    first = book.asked()  # every run each chapter reached; those executed again below reach all of theirs
+    plan_file = book.home / f"book-{args.profile}.json"
+    runs.write_plan(plan_file, todo, {"command": book.command, "chapters": {n: [r.label for r in rs] for n, rs in first.items()}})
     if args.plan:
         runs.print_plan(todo, verbose=args.verbose)
         for name, asked in book.asked().items():
@@ -598,4 +599,9 @@ def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argp
         if book.thread is not None:
             book.thread.join()
         status = book.report()
+    asked = {**first, **book.asked()}
+    chapters = {n: [r.label for r in rs] for n, rs in asked.items()}
+    runs.write_plan(plan_file, list({str(r.run_dir): r for rs in asked.values() for r in rs}.values()),
+                    {"command": book.command, "chapters": chapters})
+    print("runs per chapter: " + ", ".join(f"{n} {len(labels)}" for n, labels in sorted(chapters.items())))
     return status
