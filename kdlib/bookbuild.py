@@ -604,4 +604,5 @@ def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argp
     runs.write_plan(plan_file, list({str(r.run_dir): r for rs in asked.values() for r in rs}.values()),
                     {"command": book.command, "chapters": chapters})
     print("runs per chapter: " + ", ".join(f"{n} {len(labels)}" for n, labels in sorted(chapters.items())))
+    shutil.rmtree(folder)  # nothing of the collection stays beside the executed chapters
     return status
