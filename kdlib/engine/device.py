@@ -1,7 +1,10 @@
-"""Where and how fast a run computes: device, autocast, cuDNN autotuning, determinism, torch.compile."""
+"""Where and how fast a run computes: device, execution (captured or eager step) and precision, cuDNN
+autotuning, determinism, torch.compile."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -9,8 +12,8 @@ from torch import Tensor, nn
 from kdlib.errors import KDLibError
 from kdlib.precision import autocast, resolve_amp
 
-__all__ = ["resolve_device", "resolve_amp", "resolve_graph", "autocast", "fast_kernels", "compile_student",
-           "deterministic", "to_input"]
+__all__ = ["resolve_device", "resolve_amp", "resolve_graph", "Execution", "decide_execution", "autocast",
+           "fast_kernels", "compile_student", "deterministic", "to_input"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +43,42 @@ def resolve_graph(graph, device: torch.device) -> bool:
     if graph is False or graph == "false":
         return False
     raise KDLibError(f"graph must be 'auto', true or false, got {graph!r}")
+
+
+@dataclass
+class Execution:
+    """How a run's steps execute: ``graph`` (captured as a CUDA graph and replayed; a capture that fails
+    at run time falls back to eager steps and is recorded), ``amp`` (the student's autocast precision,
+    chosen after the graph decision) and ``notes`` (why the graph is off, or why the precision was kept)."""
+
+    graph: bool
+    amp: str
+    notes: List[str] = field(default_factory=list)
+
+
+def decide_execution(graph: Any, amp: str, device: torch.device, *, method: str = "", graph_safe: bool = True,
+                     compile: bool = False, previous_segments: Sequence[Dict[str, Any]] = ()) -> Execution:
+    """The execution of a run (or of a resumed segment), decided before anything is built.
+
+    First the graph: ``graph`` resolved for the device (:func:`resolve_graph`), then refused for a method
+    that declares ``graph_safe = False`` or for ``compile=true``. Then the precision, for that execution
+    (:func:`kdlib.precision.resolve_amp`): ``auto`` means bf16 for a graphed CUDA step and fp32 for an
+    eager one; on a resume, ``auto`` keeps the precision the run started with on this kind of device.
+    """
+    device = torch.device(device)
+    captured = resolve_graph(graph, device)
+    notes = []
+    if captured and not graph_safe:
+        notes.append(f"method {method!r} declares graph_safe = False")
+    if captured and compile:
+        notes.append("compile=true (torch.compile's own CUDA graphs do not nest in a captured step)")
+    captured = captured and not notes
+    started = next((seg.get("amp") for seg in previous_segments
+                    if torch.device(seg.get("device", "cpu")).type == device.type), None)
+    chosen = resolve_amp(amp, device, captured, started)
+    if amp == "auto" and started is not None and chosen != resolve_amp(amp, device, captured):
+        notes.append(f"amp {chosen}: the precision this run started with (amp=auto keeps it on a resume)")
+    return Execution(captured, chosen, notes)
 
 
 def compile_student(student: nn.Module, device: torch.device, compile: bool) -> nn.Module:
