@@ -335,12 +335,12 @@ class _Probe(Method):
         assert logits.shape == (10, ctx.num_classes) and logits.dtype == torch.float32
         return {"setup_checked": True}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         assert student_logits.dtype == torch.float32 and teacher_logits.dtype == torch.float32
-        assert batch.indices.shape == targets.shape
+        assert ctx.indices.shape == targets.shape
         self.seen += targets.shape[0]
         loss = torch.nn.functional.cross_entropy(student_logits * self.scale, targets)
-        if self.hparams["nan_at"] == [batch.epoch, batch.step]:
+        if self.hparams["nan_at"] == [ctx.epoch, ctx.step]:
             loss = loss * float("nan")
         return {"loss_ce": loss, "loss_zero": 0.0 * self.scale}
 

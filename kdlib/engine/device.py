@@ -72,7 +72,8 @@ def decide_execution(graph: Any, amp: str, device: torch.device, *, method: str 
         notes.append(f"method {method!r} declares graph_safe = False")
     if captured and compile:
         notes.append("compile=true (torch.compile's own CUDA graphs do not nest in a captured step)")
-    captured = captured and not notes
+    if notes:
+        captured, notes = False, [f"graph mode off, eager steps: {'; '.join(notes)}"]
     started = next((seg.get("amp") for seg in previous_segments
                     if torch.device(seg.get("device", "cpu")).type == device.type), None)
     chosen = resolve_amp(amp, device, captured, started)

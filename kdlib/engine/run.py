@@ -27,7 +27,7 @@ from kdlib import config as kconfig
 from kdlib import logit_cache
 from kdlib.engine import rundir
 from kdlib.engine.capture import graph_blockers
-from kdlib.engine.device import compile_student, decide_execution, resolve_device, resolve_graph
+from kdlib.engine.device import compile_student, decide_execution, resolve_device
 from kdlib.engine.evaluate import predict
 from kdlib.engine.rng import seed_everything, set_rng_state
 from kdlib.engine.step import TrainingStep, check_extra_views, make_optimizer
@@ -264,9 +264,8 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     step = TrainingStep(images_u8=dataset.train_images, labels=dataset.train_labels, forward=forward_student,
                         method=method, optimizer=optimizer, teacher_logits=teacher_logits, teacher=teacher,
                         device=device, amp=amp, channels_last=channels_last, teacher_amp=teacher_amp)
-    if opening.execution_notes:  # why the graph is off, why the precision was kept
-        off = not graph and resolve_graph(getattr(cfg, "graph", "auto"), device)
-        log(f"[{name}] {'graph mode off, eager steps: ' if off else ''}{'; '.join(opening.execution_notes)}")
+    for note in opening.execution_notes:  # why the graph is off, why the precision was kept
+        log(f"[{name}] {note}")
     if graph:
         blockers = graph_blockers(method, teacher_logits, bool(cfg.compile))
         if blockers:  # the teacher-logit source (method and compile were decided before anything was built)
