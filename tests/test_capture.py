@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 
@@ -24,15 +23,15 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from kdlib import augment, engine, logit_cache, methods, models
+import stepkit
+from kdlib import augment, engine, logit_cache, methods
 from kdlib.data import make_synthetic
 from kdlib.engine import capture
 from kdlib.engine import device as engine_device
 from kdlib.engine import run as engine_run
 from kdlib.engine.capture import CaptureHazard, check_capture_safety
 from kdlib.methods import _REGISTRY, Method
-from kdlib.methods.base import SetupContext, StepContext
-from kdlib.precision import resolve_amp
+from kdlib.methods.base import StepContext
 
 BATCH = 16
 
@@ -44,10 +43,7 @@ def world(tmp_path_factory):
     data = make_synthetic(train_per_class=1, test_per_class=1, seed=0)
     data = dataclasses.replace(data, train_images=data.train_images[:2 * BATCH].contiguous(),
                                train_labels=data.train_labels[:2 * BATCH].contiguous())
-    torch.manual_seed(0)
-    teacher = models.create("resnet8").eval().to(memory_format=torch.channels_last)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = stepkit.random_teacher()
     cache = logit_cache.TeacherLogitCache(teacher, data.train_images, num_classes=100, teacher_name="resnet8",
                                           dataset_description=data.description, channels_last=True,
                                           root=tmp_path_factory.mktemp("cache"))
@@ -58,33 +54,13 @@ def world(tmp_path_factory):
 
 
 def graph_mode_step(name, source, world, **hparams):
-    """The step, the optimizer's state after one real step, and the static inputs of a capture."""
     data, teacher, cache = world
-    method = methods.build(name, **hparams)
-    teacher = copy.deepcopy(teacher) if method.uses_teacher else None
-    torch.manual_seed(1)
-    student = models.create("resnet8").to(memory_format=torch.channels_last)
-    method.setup(SetupContext(num_classes=100, student=student, teacher=teacher, train_images=data.train_images,
-                              train_labels=data.train_labels, predict=lambda m, u8: engine.predict(m, u8, 64, True),
-                              device=torch.device("cpu"), epochs=2))
-    optimizer = engine.make_optimizer(list(student.parameters()) + list(method.parameters()), lr=0.05,
-                                      momentum=0.9, weight_decay=5e-4, graph=True, device="cpu")
-    live = engine.LiveTeacher(teacher, torch.device("cpu")) if teacher is not None else None
-    step = engine.TrainingStep(images_u8=data.train_images, labels=data.train_labels, forward=student,
-                               method=method, optimizer=optimizer,
-                               teacher_logits=cache if source == "cache" and teacher is not None else live,
-                               teacher=teacher, device=torch.device("cpu"), amp=resolve_amp("auto", "cpu"),
-                               channels_last=True, teacher_amp="none")
-    return step
+    return stepkit.graph_mode_step(name, data, teacher, teacher_logits=cache if source == "cache" else "live",
+                                   **hparams)
 
 
-def graph_inputs(step, epochs=2):
-    gen, view_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
-    ctx = StepContext(epoch=1, step=1, steps_per_epoch=2, epochs=epochs,
-                      progress=torch.tensor(1.0, dtype=torch.float32))
-    indices = torch.arange(BATCH)
-    ctx.indices = indices
-    return indices, gen, ctx, engine.EpochSums("cpu"), (view_gen if step.extra_views else None)
+def graph_inputs(step):
+    return stepkit.capture_inputs(step, BATCH)
 
 
 def _sources(name):
