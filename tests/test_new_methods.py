@@ -217,18 +217,27 @@ def test_mlkd_released_code_loss_value_and_gradient(b):
     m = build("mlkd")
     assert m.hparams == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0, "variant": "code",
                          "standardize": False, "standardize_levels": "instance"}
+    assert_mlkd_matches(m, mlkd_code_ref, sw, tw, ss, ts, y)
+
+
+def assert_mlkd_matches(m, ref, sw, tw, ss, ts, y):
+    """The loss of ``m`` equals ``ref``'s in value and in its gradients w.r.t. both views' student logits."""
     got = total(m(sw, tw, y, ctx(extra_logits={"strong": (ss, ts)})))
-    assert got.item() == pytest.approx(mlkd_code_ref(sw, tw, ss, ts, y).item(), rel=1e-12)
+    assert got.item() == pytest.approx(ref(sw, tw, ss, ts, y).item(), rel=1e-12)
     for which in (0, 1):  # gradient w.r.t. the weak and the strong student logits
-        def fn(z, which=which):
-            a, s_ = (z, ss) if which == 0 else (sw, z)
+        def views(z, which=which):
+            return (z, ss) if which == 0 else (sw, z)
+
+        def fn(z):
+            a, s_ = views(z)
             return total(m(a, tw, y, ctx(extra_logits={"strong": (s_, ts)})))
 
-        def ref(z, which=which):
-            a, s_ = (z, ss) if which == 0 else (sw, z)
-            return mlkd_code_ref(a, tw, s_, ts, y)
-        torch.testing.assert_close(grad_of(fn, (sw, ss)[which]), grad_of(ref, (sw, ss)[which]),
+        def expected(z):
+            a, s_ = views(z)
+            return ref(a, tw, s_, ts, y)
+        torch.testing.assert_close(grad_of(fn, (sw, ss)[which]), grad_of(expected, (sw, ss)[which]),
                                    rtol=1e-9, atol=1e-12)
+    return got
 
 
 def test_mlkd_paper_variant_and_its_difference_from_the_code():
@@ -329,17 +338,7 @@ def mlkd_ls_ref(sw, tw, ss, ts, y, base_t=2.0, ce_w=0.1, kd_w=9.0):
 def test_mlkd_with_logit_standardisation_is_the_ls_authors_code(b):
     sw, tw, ss, ts, y = logits(3, b=b), logits(4, b=b), logits(5, b=b), logits(6, b=b), labels(7, b=b)
     m = build("mlkd", **ls_settings("mlkd", "resnet32x4", "resnet8x4"))
-    got = total(m(sw, tw, y, ctx(extra_logits={"strong": (ss, ts)})))
-    assert got.item() == pytest.approx(mlkd_ls_ref(sw, tw, ss, ts, y).item(), rel=1e-12)
-    for which in (0, 1):  # gradient w.r.t. the weak and the strong student logits
-        def fn(zz, which=which):
-            a, s_ = (zz, ss) if which == 0 else (sw, zz)
-            return total(m(a, tw, y, ctx(extra_logits={"strong": (s_, ts)})))
-
-        def ref(zz, which=which):
-            a, s_ = (zz, ss) if which == 0 else (sw, zz)
-            return mlkd_ls_ref(a, tw, s_, ts, y)
-        torch.testing.assert_close(grad_of(fn, (sw, ss)[which]), grad_of(ref, (sw, ss)[which]), rtol=1e-9, atol=1e-12)
+    got = assert_mlkd_matches(m, mlkd_ls_ref, sw, tw, ss, ts, y)
     # kdlib's own reading (every level z-scored) is another loss, and a labelled variant
     every = build("mlkd", **{**ls_settings("mlkd", "resnet32x4", "resnet8x4"), "standardize_levels": "all"})
     assert abs(total(every(sw, tw, y, ctx(extra_logits={"strong": (ss, ts)}))).item() - got.item()) > 1e-3
