@@ -43,15 +43,14 @@ GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 # -- geometric operations: one nearest-neighbour affine gather ------------------------------------------
 def _affine_nearest(images: Tensor, coef: Tensor, constants: Dict[str, Tensor]) -> Tensor:
     """PIL's ``Image.transform(AFFINE, (a, b, c, d, e, f))`` with nearest sampling, one matrix per image
-    (``coef`` (B, 6)): output pixel (x, y) takes input (a x' + b y' + c, d x' + e y' + f) at the pixel
-    centre x' = x + 0.5, floored; black outside the image (read from a border of zeros)."""
+    (``coef`` (B, 6)): output pixel (x, y) takes input pixel floor(a x' + b y' + c, d x' + e y' + f) at the
+    pixel centre x' = x + 0.5; black outside the image. As ``grid_sample``'s nearest sampling in
+    normalised coordinates (it reads pixel round(s - 1/2) = floor(s) at s = the source coordinate)."""
     b, ch, h, w = images.shape
-    c = coef.to(device=images.device, dtype=torch.float64).view(b, 2, 3, 1, 1)
-    # (a x' + b y') + c as PIL computes it; the products along one axis only: x' varies along W, y' along H
-    source = torch.floor(c[:, :, 0] * constants["xs"] + c[:, :, 1] * constants["ys"] + c[:, :, 2])  # (B, 2, H, W)
-    source = torch.minimum(source.clamp_(min=-1), constants["limit"]) + 1  # -1 and W (H) land on the border
-    flat = (source[:, 1] * (w + 2) + source[:, 0]).long().view(b, 1, h * w).expand(b, ch, h * w)
-    return F.pad(images, (1, 1, 1, 1)).view(b, ch, -1).gather(2, flat).view(b, ch, h, w)
+    scaled = coef.to(device=images.device, dtype=torch.float64).view(b, 2, 3) * constants["normalise"]
+    theta = torch.cat([scaled[..., :2], scaled.sum(-1, keepdim=True) - 1], dim=-1).float()
+    grid = F.affine_grid(theta, [b, ch, h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def _affine_coef(name: str, v: Tensor, h: int, w: int) -> Tensor:
@@ -98,10 +97,12 @@ def _constants(device: torch.device, h: int, w: int) -> Dict[str, Tensor]:
             if name in axis:
                 table["direction"][op, axis[name][0]] = axis[name][1]
         table["values"] = torch.arange(256, device=device).view(1, 1, 256)
-        table["limit"] = torch.full((1, 2, 1, 1), float(w), dtype=torch.float64, device=device)
-        table["limit"][:, 1] = float(h)
-        table["xs"] = (torch.arange(w, device=device, dtype=torch.float64) + 0.5).view(1, w)  # pixel centres
-        table["ys"] = (torch.arange(h, device=device, dtype=torch.float64) + 0.5).view(h, 1)
+        table["smoothing"] = torch.ones(3, 1, 3, 3, device=device)  # 1s around a 5 (torchvision's sharpness)
+        table["smoothing"][:, :, 1, 1] = 5.0
+        # pixel coordinates to grid_sample's normalised ones: row r of the matrix times (W, H, 2) / size_r
+        table["normalise"] = torch.ones(1, 2, 3, dtype=torch.float64, device=device)
+        table["normalise"][0, 0, 1], table["normalise"][0, 0, 2] = h / w, 2.0 / w
+        table["normalise"][0, 1, 0], table["normalise"][0, 1, 2] = w / h, 2.0 / h
         _CONSTANTS[key] = table
     return _CONSTANTS[key]
 
@@ -133,7 +134,8 @@ def _gray(images: Tensor) -> Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
 
 
-def _lookup_tables(images: Tensor, index: Tensor, choice: Tensor, v: Tensor, constants: Dict[str, Tensor]) -> Tensor:
+def _lookup_tables(images: Tensor, gray: Tensor, index: Tensor, choice: Tensor, v: Tensor,
+                   constants: Dict[str, Tensor]) -> Tensor:
     """Per image and channel (B, C, 256): the table of the pointwise operation the image drew (the identity
     for the others) with magnitude ``v``. Each entry is the operation's own arithmetic (torchvision's
     kernels, PIL's posterize and solarize) applied to the value, after the image's statistics (mean gray
@@ -146,7 +148,7 @@ def _lookup_tables(images: Tensor, index: Tensor, choice: Tensor, v: Tensor, con
     scale = torch.where(flat, torch.ones_like(high), (high - low).mul_(1.0 / 255))
     histogram = torch.zeros((b, c, 256), dtype=torch.int32, device=images.device)
     histogram.scatter_add_(2, index, torch.ones_like(histogram[..., :1]).expand_as(index))
-    mean = _gray(images).mean(dim=(-3, -2, -1)).view(-1, 1, 1) * (choice == _op_index("Contrast")).view(-1, 1, 1)
+    mean = gray.mean(dim=(-3, -2, -1)).view(-1, 1, 1) * (choice == _op_index("Contrast")).view(-1, 1, 1)
     bits = v.long().clamp(min=1).view(-1, 1, 1)  # posterize keeps the top max(1, int(v)) bits
     tables = [
         level,
@@ -170,17 +172,17 @@ def _equalize_tables(histogram: Tensor, high: Tensor, pixels: int, values: Tenso
     return torch.where(step != 0, table, values)
 
 
-def _blend(images: Tensor, choice: Tensor, v: Tensor) -> Tensor:
+def _blend(images: Tensor, gray: Tensor, choice: Tensor, v: Tensor, constants: Dict[str, Tensor]) -> Tensor:
     """Color and Sharpness in one blend ``a + other * (1 - f)`` (torchvision's arithmetic): Color with
     ``a = x f`` and ``other`` the grayscale, Sharpness with ``a = x`` and ``other`` the interior's 3x3
     smoothing (1s around a 5, / 13, rounded) minus ``x``, 0 on the border (which it keeps)."""
     x, rest = images, _per_image((1.0 - v).float())
     sharp = _per_image(choice == _op_index("Sharpness"))
     inner = x[..., 1:-1, 1:-1]
-    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # sums of integers: exact in float32
-    # a sum of integers / 13 is never within 0.03 of a half: float rounding cannot move the rounded value
-    smoothed = torch.round((rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * inner) / 13)
-    other = torch.where(sharp, F.pad(smoothed - inner, (1, 1, 1, 1)), _gray(images))
+    # 13 x the smoothing: sums of whole numbers, exact in float32; a sum of integers / 13 is never within
+    # 0.03 of a half, so no float rounding can move the rounded value
+    smoothed = torch.round(F.conv2d(x, constants["smoothing"], groups=x.shape[1]) / 13)
+    other = torch.where(sharp, F.pad(smoothed - inner, (1, 1, 1, 1)), gray)
     a = x * torch.where(sharp, torch.ones_like(rest), _per_image(v.float()))
     return _to_pixels(_fused_add(a, other, rest))
 
@@ -197,16 +199,17 @@ def _affine(images: Tensor, choice: Tensor, v: Tensor, constants: Dict[str, Tens
 
 def _apply_drawn(images: Tensor, choice: Tensor, v: Tensor) -> Tensor:
     """Each image (float32 holding uint8 values) through the operation it drew (``choice`` (B,) into
-    :data:`OPS`) with magnitude ``v`` (B,), the whole batch at once: one affine gather (the identity
+    :data:`OPS`) with magnitude ``v`` (B,), the whole batch at once: one affine resampling (the identity
     matrix for images that drew no geometric operation), one table lookup (the identity table for those
     that drew no pointwise operation), and the blend of Color and Sharpness kept where they were drawn."""
     b, c, h, w = images.shape
     constants = _constants(images.device, h, w)
-    moved = _affine(images, choice, v, constants)
+    moved = _affine(images, choice, v, constants)  # equal to ``images`` where no geometric operation was drawn
+    gray = _gray(moved)
     index = moved.reshape(b, c, h * w).long()
-    looked_up = _lookup_tables(moved, index, choice, v, constants).gather(2, index).view(b, c, h, w)
+    looked_up = _lookup_tables(moved, gray, index, choice, v, constants).gather(2, index).view(b, c, h, w)
     blend = (choice == _op_index("Color")) | (choice == _op_index("Sharpness"))
-    return torch.where(_per_image(blend), _blend(images, choice, v), looked_up)
+    return torch.where(_per_image(blend), _blend(moved, gray, choice, v, constants), looked_up)
 
 
 def apply_op(name: str, images_u8: Tensor, magnitudes: Tensor) -> Tensor:
