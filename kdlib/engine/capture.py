@@ -297,13 +297,22 @@ class GraphedStep:
 
     def _capture(self, device) -> None:
         count = self.sums.count
+        generators = [g for g in (self.generator, self.view_generator) if g is not None]
+        states = [g.get_state() for g in generators]
         self.graph = torch.cuda.CUDAGraph()
-        for g in (self.generator, self.view_generator):  # each replay then draws new numbers from them
-            if g is not None:
-                self.graph.register_generator_state(g)
-        with torch.cuda.graph(self.graph, stream=self._stream):
-            self._call()
-        self.sums.count = count  # the capture ran no arithmetic; replays count (see replay)
+        for g in generators:  # each replay then draws new numbers from them
+            self.graph.register_generator_state(g)
+        try:
+            with torch.cuda.graph(self.graph, stream=self._stream):
+                self._call()
+        except Exception:
+            self.graph = None
+            torch.cuda.synchronize(device)
+            for g, state in zip(generators, states):  # the eager steps that follow draw as before
+                g.set_state(state)
+            raise
+        finally:
+            self.sums.count = count  # the capture ran no arithmetic; replays count (see replay)
 
     def replay(self, indices: Tensor, step_number: int, progress: float) -> None:
         """One step on ``indices``: copy the static inputs in (device copies, no sync), replay."""
@@ -346,6 +355,8 @@ def _restored(state: Sequence[Tensor], generators: Sequence[torch.Generator], su
     try:
         yield
     finally:
+        if any(t.is_cuda for t in state):  # warm-up work queued on a side stream finishes first
+            torch.cuda.synchronize()
         with torch.no_grad():
             for t, value in zip(state, saved):
                 t.copy_(value)
