@@ -164,3 +164,13 @@ def tiny_chapters(tmp_path_factory):
     """Every chapter executed in the smoke profile at tiny size, once per session (see ExecutedChapters)."""
     base = tmp_path_factory.mktemp("tiny_book")
     return ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which comparison the golden records got (``record_property("golden", ...)`` in the tests)."""
+    lines = [value for report in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(report, "user_properties", []) if name == "golden"]
+    if lines:
+        terminalreporter.write_sep("-", "golden records")
+        for line in sorted(lines):
+            terminalreporter.write_line(f"golden records: {line}")

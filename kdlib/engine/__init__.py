@@ -65,8 +65,8 @@ checkpoint, ``metrics.json`` says ``"status": "interrupted"`` and :class:`Traini
 """
 from __future__ import annotations
 
-from kdlib.engine.device import (autocast, compile_student, fast_kernels, resolve_amp, resolve_device,
-                                 resolve_graph)
+from kdlib.engine.device import (autocast, compile_student, fast_kernels, machine_info, resolve_amp,
+                                 resolve_device, resolve_graph)
 from kdlib.engine.evaluate import evaluate, predict
 from kdlib.engine.loop import TrainingInterrupted, lr_at, progress_at, train
 from kdlib.engine.rng import epoch_generator, seed_everything
@@ -78,6 +78,6 @@ from kdlib.teacher_logits import LiveTeacher, Views
 
 __all__ = ["train", "lr_at", "progress_at", "evaluate", "predict", "LiveTeacher", "Views",
            "TrainingInterrupted", "make_batch", "train_step", "TrainingStep", "GraphedStep", "EpochSums", "check_extra_views",
-           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast",
+           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast", "machine_info",
            "epoch_generator", "seed_everything", "read_checkpoint", "METRICS", "CHECKPOINT",
            "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT", "SCHEMA_VERSION"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from kdlib import config as kconfig
 from kdlib import logit_cache
 from kdlib.engine import rundir
-from kdlib.engine.device import compile_student, resolve_amp, resolve_device, resolve_graph
+from kdlib.engine.device import compile_student, machine_info, resolve_amp, resolve_device, resolve_graph
 from kdlib.engine.evaluate import predict
 from kdlib.engine.rng import seed_everything, set_rng_state
 from kdlib.engine.step import TrainingStep, check_extra_views, graph_blockers
@@ -310,6 +310,6 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "start_epoch": run.start_epoch, "device": str(device), "amp": amp,
             "channels_last": channels_last, "threads": torch.get_num_threads(),
-            "host": platform.node(), "graph": graph}],
+            "host": platform.node(), "graph": graph, "machine": machine_info()}],
     }
     return run
