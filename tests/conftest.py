@@ -174,3 +174,37 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "golden records")
         for line in sorted(lines):
             terminalreporter.write_line(f"golden records: {line}")
+
+
+# -- where the suite's time goes: KDLIB_TEST_TIMES=file.json writes each test's wall and CPU seconds ----------
+_times: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """CPU seconds (this process and its finished children) next to wall seconds: on a loaded machine
+    the wall time says little, the CPU time what the test costs (setup and teardown included)."""
+    if not os.environ.get("KDLIB_TEST_TIMES"):
+        yield
+        return
+    import resource
+    import time
+
+    def cpu():
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    wall, used = time.perf_counter(), cpu()
+    yield
+    _times[item.nodeid] = {"wall": round(time.perf_counter() - wall, 3), "cpu": round(cpu() - used, 3),
+                           "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+
+
+def pytest_sessionfinish(session):
+    target = os.environ.get("KDLIB_TEST_TIMES")
+    if target and _times:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        path = Path(target).with_suffix(f".{worker}.json") if worker else Path(target)
+        import json
+
+        path.write_text(json.dumps(_times, indent=1))
