@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_CHAPTER, ExecutedChapters
+from conftest import TINY_CHAPTER, ExecutedChapters, shared_folder
 from kdlib import bookbuild, data
+from kdlib.io import file_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE_TINY = {**TINY_CHAPTER, "profile": "course"}
@@ -55,16 +56,21 @@ def write_cifar100_python(root: Path, train_per_class: int, test_per_class: int,
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar100_python(root, FIXTURE_TRAIN, FIXTURE_TEST)
+    """The fixture written once per session, in a folder the xdist workers share."""
+    root = shared_folder(tmp_path_factory, "cifar")
+    with file_lock(root / "write.lock"):
+        if not (root / "written").exists():
+            write_cifar100_python(root, FIXTURE_TRAIN, FIXTURE_TEST)
+            (root / "written").touch()
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def course_chapters(cifar_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("course_book")
+    """Each chapter executed once per session, by whichever worker asks first (see ExecutedChapters)."""
+    base = shared_folder(tmp_path_factory, "course_book")
     return ExecutedChapters(base / "staging", base / "home", COURSE_TINY, data_root=cifar_root)
 
 

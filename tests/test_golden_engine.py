@@ -116,7 +116,8 @@ def test_a_machine_of_another_kind_runs_the_tolerance_path_and_passes(tmp_path):
     """AVX2 kernels forced in ATen and oneDNN: a kind with no set, as a new CPU would be."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1",
            "KDLIB_HOME": str(tmp_path / "home"), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("PYTEST_XDIST_WORKER", None)
+    for name in ("PYTEST_XDIST_WORKER", "KDLIB_TEST_TIMES"):  # a session of its own
+        env.pop(name, None)
     tests = Path(__file__).resolve().parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rA",
