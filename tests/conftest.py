@@ -166,6 +166,10 @@ class ExecutedChapters:
                "MPLCONFIGDIR": str(self.home / "matplotlib")}
         if self.data_root is not None:
             env["KDLIB_DATA"] = str(self.data_root)
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            # chapters side by side, one per worker: each trains its runs one by one in its kernel, as
+            # `make book` runs its side-by-side chapters (no pool of processes per chapter)
+            env["KDLIB_RUN_WORKERS"] = "1"
         mp = pytest.MonkeyPatch()
         for name, value in env.items():
             mp.setenv(name, value)
