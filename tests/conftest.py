@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny configs and one tiny teacher trained once per session.
+"""Shared fixtures: tiny configs and one tiny teacher trained once per session; how tests run side by side.
 
 * The whole session writes into temporary folders: ``KDLIB_HOME`` points into pytest's temporary
   directory, so no test touches ``~/.cache/kdlib``.
 * PyTorch runs on ``KDLIB_TEST_THREADS`` threads (default 1): the test machines share 2 cores between
   several processes, and OpenMP threads competing for cores run 10x slower than a single thread.
+* ``make test`` runs two pytest-xdist workers. The costly session fixtures (the tiny teacher, the executed
+  chapters) live in a folder both workers share and are made once; tests that use a module-scoped
+  fixture, or carry an ``xdist_group`` mark, stay on one worker (CONTRIBUTING.md, "parallel-safe").
+* ``KDLIB_TEST_TIMES=file.json`` writes each test's wall and CPU seconds, to see where the time goes.
 """
 from __future__ import annotations
 
@@ -220,7 +224,6 @@ def tiny_chapters(tmp_path_factory):
     return ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)
 
 
-
 # -- side by side (pytest-xdist, `make test` runs two workers) ------------------------------------------
 def pytest_itemcollected(item):
     """Keep on one worker what must be (marks added here, before xdist reads them in modifyitems).
@@ -262,6 +265,7 @@ def pytest_collection_modifyitems(config, items):
 # scopes) reads it once every worker has collected.
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
+    # the controller's temporary folder (pytest has no public accessor for it on the config)
     node.workerinput["kdlib_groups"] = str(node.config._tmp_path_factory.getbasetemp() / "xdist_groups.json")
 
 
@@ -281,6 +285,7 @@ def pytest_xdist_make_scheduler(config, log):
             return self.groups.get(nodeid, nodeid)
 
     return GroupScheduling(config, log)
+
 
 def pytest_terminal_summary(terminalreporter):
     """Say which comparison the golden records got (``record_property("golden", ...)`` in the tests)."""
@@ -304,7 +309,6 @@ def pytest_runtest_protocol(item, nextitem):
         yield
         return
     import resource
-    import time
 
     def cpu():
         return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
@@ -321,6 +325,4 @@ def pytest_sessionfinish(session):
     if target and _times:
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         path = Path(target).with_suffix(f".{worker}.json") if worker else Path(target)
-        import json
-
         path.write_text(json.dumps(_times, indent=1))
