@@ -30,10 +30,16 @@ TINY = dict(dataset="synthetic", train_per_class=4, test_per_class=2, teacher="r
 
 @pytest.fixture(scope="session", autouse=True)
 def kdlib_home(tmp_path_factory):
-    """Every test runs with ``KDLIB_HOME`` in a temporary folder (teachers, caches)."""
+    """Every test runs with ``KDLIB_HOME`` in a temporary folder (teachers, caches); side by side, with
+    ``KDLIB_RUN_WORKERS=1``."""
     home = tmp_path_factory.mktemp("kdlib_home")
     mp = pytest.MonkeyPatch()
     mp.setenv("KDLIB_HOME", str(home))
+    if os.environ.get("PYTEST_XDIST_WORKER") and "KDLIB_RUN_WORKERS" not in os.environ:
+        # each worker already has a core: `run_all` (and a chapter's kernel) trains its runs one by one,
+        # as `make book` does in its side-by-side chapters. A pool of two more processes per call cost
+        # a tiny chapter 37 s of CPU against 19 s (measured); test_run_pool.py tests the pool itself.
+        mp.setenv("KDLIB_RUN_WORKERS", "1")
     yield home
     mp.undo()
 
@@ -170,10 +176,6 @@ class ExecutedChapters:
                "MPLCONFIGDIR": str(self.home / "matplotlib")}
         if self.data_root is not None:
             env["KDLIB_DATA"] = str(self.data_root)
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            # chapters side by side, one per worker: each trains its runs one by one in its kernel, as
-            # `make book` runs its side-by-side chapters (no pool of processes per chapter)
-            env["KDLIB_RUN_WORKERS"] = "1"
         mp = pytest.MonkeyPatch()
         for name, value in env.items():
             mp.setenv(name, value)
