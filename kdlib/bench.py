@@ -327,14 +327,9 @@ def method_overheads(device: torch.device, batch_size: int = 64, num_classes: in
 
 # -- the whole benchmark ---------------------------------------------------------------------------------
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from kdlib.engine import machine_info
+
+    return machine_info()["cpu"]
 
 
 def _profile_size(profile: str):

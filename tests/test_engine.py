@@ -152,6 +152,9 @@ def test_metrics_schema_and_consistency(reference):
                                            "standardize": False}
     assert {"torch", "kdlib", "python"} <= set(config["versions"])
     assert "git_commit" in config
+    segment = metrics["segments"][-1]  # what the last bits depend on: threads, precision, CPU and its ISA
+    assert segment["threads"] == torch.get_num_threads() and segment["amp"] in ("none", "bf16")
+    assert segment["machine"] == engine.machine_info()
     assert config["dataset"]["num_classes"] == 100 and len(config["dataset"]["class_names"]) == 100
     assert config["dataset"]["description"].startswith("synthetic")
     teacher = config["teacher"]

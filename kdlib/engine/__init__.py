@@ -71,7 +71,7 @@ checkpoint, ``metrics.json`` says ``"status": "interrupted"`` and :class:`Traini
 from __future__ import annotations
 
 from kdlib.engine.capture import CaptureHazard, GraphedStep, check_capture_safety, live_graphs
-from kdlib.engine.device import (Execution, autocast, compile_student, decide_execution, fast_kernels, resolve_amp,
+from kdlib.engine.device import (Execution, autocast, compile_student, decide_execution, fast_kernels, machine_info, resolve_amp,
                                  resolve_device, resolve_graph)
 from kdlib.engine.evaluate import evaluate, predict
 from kdlib.engine.loop import TrainingInterrupted, lr_at, progress_at, train
@@ -84,6 +84,6 @@ from kdlib.teacher_logits import LiveTeacher, ViewKeys
 __all__ = ["train", "lr_at", "progress_at", "evaluate", "predict", "LiveTeacher", "ViewKeys",
            "TrainingInterrupted", "TrainingStep", "EpochLoop", "EpochSums", "make_optimizer", "check_extra_views",
            "GraphedStep", "CaptureHazard", "check_capture_safety", "live_graphs", "Execution", "decide_execution",
-           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast",
+           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast", "machine_info",
            "epoch_generator", "seed_everything", "read_checkpoint", "METRICS", "CHECKPOINT",
            "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT", "SCHEMA_VERSION"]

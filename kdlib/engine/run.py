@@ -27,7 +27,7 @@ from kdlib import config as kconfig
 from kdlib import logit_cache
 from kdlib.engine import rundir
 from kdlib.engine.capture import graph_blockers
-from kdlib.engine.device import compile_student, decide_execution, resolve_device
+from kdlib.engine.device import compile_student, decide_execution, machine_info, resolve_device
 from kdlib.engine.evaluate import predict
 from kdlib.engine.rng import seed_everything, set_rng_state
 from kdlib.engine.step import TrainingStep, check_extra_views, make_optimizer
@@ -312,7 +312,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "start_epoch": run.start_epoch, "device": str(device), "amp": amp,
             "channels_last": channels_last, "threads": torch.get_num_threads(),
-            "host": platform.node(), "graph": graph, "execution_notes": list(opening.execution_notes),
+            "host": platform.node(), "graph": graph, "machine": machine_info(), "execution_notes": list(opening.execution_notes),
             "graph_captures": 0, "graph_replays": 0, "eager_steps": 0, "graph_fallback": None}],
     }
     return run
