@@ -14,7 +14,8 @@ import pytest
 from conftest import slurm_cluster_reason
 
 REASON = slurm_cluster_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON)]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON),
+              pytest.mark.xdist_group("slurm")]  # one cluster: its tests run one after another
 
 
 def test_every_run_of_the_book_is_trained_by_slurm_and_the_chapters_train_nothing(tiny_chapters):

@@ -23,7 +23,8 @@ from kdlib.runs import slurm as sweep_slurm
 from test_sweep import tiny_spec
 
 REASON = slurm_cluster_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON)]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON),
+              pytest.mark.xdist_group("slurm")]  # one cluster: its tests run one after another
 
 #: one CPU per task (two at once on 2 cores), no GPU, a few minutes at most
 SLURM = dict(gpus=0, cpus=1, time_min=10)
