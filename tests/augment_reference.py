@@ -1,3 +1,6 @@
+# FROZEN reference for tests/test_augment.py and benchmarks/augment_speed.py: kdlib/augment.py as it was
+# when MLKD's strong view was first batched and made capture-safe (commit f66b5a8), verbatim. The library's
+# faster version must give the same views pixel for pixel for the same generator state. Do not edit.
 """MLKD's strong augmentation on uint8 tensors: random crop + flip, RandAugment(2, 10) and Cutout.
 
 The facts follow the MLKD authors' data pipeline (the FixMatch-style ``RandAugment`` of their
