@@ -10,10 +10,12 @@ operations compute what ``torchvision``'s tensor kernels compute, pixel for pixe
 PIL is not claimed for them).
 
 The whole batch goes through every operation at once, each image with its own choice and magnitude held
-in tensors: each round computes the 14 candidates for every image (the five geometric ones as one
-gather, one affine matrix per image) and keeps each image's own with ``torch.where``; Cutout is a mask.
-No Python branch on a value, no host read, no shape that depends on data: the view can be cut inside a
-captured CUDA graph, and it costs the same for every batch.
+in tensors: each round computes the candidates for every image (the five geometric operations as one
+nearest resampling, one affine map per image; the seven pointwise ones as one table lookup; Color and
+Sharpness as one blend) and keeps each image's own with 0/1 weights; Cutout is a mask. Pixel values stay
+whole numbers held in float32, so every selection is exact. No Python branch on a value, no host read, no
+shape that depends on data: the view can be cut inside a captured CUDA graph, and it costs the same for
+every batch.
 
 Every random number comes from the ``torch.Generator`` given, so a run's views are reproducible.
 Input and output: uint8 (B, 3, H, W) on any device.
