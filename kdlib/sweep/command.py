@@ -21,8 +21,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False)
                    help=("train every chapter's runs first, then execute the chapters: " if book else "")
                    + "local: subprocesses via submitit" + (" (default)" if not book else "") + "; slurm: array jobs, "
                    "the teachers' first; pool: worker processes" + ("" if book else "; inline: in this process"))
-    x.add_argument("--workers", type=_int_arg, help="local and pool: runs at once (default 1)")
-    x.add_argument("--threads", type=_int_arg,
+    x.add_argument("--workers", type=int, help="local and pool: runs at once (default 1)")
+    x.add_argument("--threads", type=int,
                    help="torch threads of every run, under every executor (default: --slurm-cpus, at most this "
                         "machine's cores / --workers; CPU numbers depend on it)")
     if not book:
@@ -33,7 +33,7 @@ def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False)
                          "requeued)", "mem_gb": "memory per task, GB", "array_parallelism": "tasks at once (default 16)",
              "runs_per_task": "runs one after the other in each array task (default 1)"}
     for name, flag in SLURM_FLAGS.items():
-        kind = {"gpus": _int_arg, "cpus": _int_arg, "array_parallelism": _int_arg, "runs_per_task": _int_arg,
+        kind = {"gpus": int, "cpus": int, "array_parallelism": int, "runs_per_task": int,
                 "mem_gb": float}.get(name, str)
         x.add_argument(flag, dest=f"slurm_{name}", type=kind, help=helps.get(name))
 
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", help="smoke, course or paper (default smoke)")
     g.add_argument("--dataset", help="synthetic or cifar100 (default: the profile's)")
     g.add_argument("--data-root", dest="data_root", help="folder holding cifar-100-python")
-    g.add_argument("--epochs", type=_int_arg, help="epochs of every run (default: the profile's)")
+    g.add_argument("--epochs", type=int, help="epochs of every run (default: the profile's)")
     g.add_argument("--set", dest="overrides", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="recipe field or method hyperparameter for every run that has it (lr=0.1 beta=2 "
                         "train_per_class=50); dkd.beta=2 names the method; repeatable")
@@ -67,13 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "(with --verbose: every run's resolved recipe)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     o.add_argument("--verbose", action="store_true", help="inline: the engine's per-epoch lines")
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 _SPEC_FLAGS = ("methods", "pairs", "seeds", "profile", "dataset", "data_root", "epochs", "out", "teachers_dir",
