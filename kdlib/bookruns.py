@@ -58,7 +58,7 @@ class BookRuns:
             runs.slurm.executor(self.options, self.home / "jobs")
         self.threads = runs.run_threads(args.threads, self.options.cpus if args.executor == "slurm" else _cores(),
                                         self.workers)
-        self.seen, self.failed, self.offsets, self.queue, self.thread = set(), {}, {}, [], None
+        self.seen, self.failed, self.queue, self.thread = set(), {}, [], None
 
     def asked(self, missing: bool = False) -> Dict[str, list]:
         """Per chapter, the runs it asked for (only those it lacked then: ``missing``), each once."""
