@@ -25,6 +25,7 @@ API (stable; the method chapters are written against it)::
     teacher_records(setting) -> RunTables | None                 # its records, labelled "teacher"
     student_model(run_dir) -> nn.Module                          # a finished run's student, eval mode
     logits(model, images_u8) -> Tensor                           # float32 logits, eval mode, batched
+    setup_predict(setting) -> fn(model, images_u8)               # the engine's setup-time predict (fp32)
 
     glue(key, value, display=False)              # myst_nb.glue, numpy scalars as Python numbers
     method_artifacts(run_dir) -> dict[str, ndarray]        # a finished run's method_artifacts.npz ({} if none)
@@ -80,7 +81,7 @@ from kdlib.errors import KDLibError
 from kdlib.records import RunTables, load_runs
 
 __all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "dataset", "teacher_model",
-           "teacher_run", "teacher_records", "student_model", "logits", "method_artifacts", "method_history",
+           "teacher_run", "teacher_records", "student_model", "logits", "setup_predict", "method_artifacts", "method_history",
            "image_predictions", "within_between", "glue", "summarize", "pm", "class_accuracy",
            "class_delta", "tail_accuracy", "helped_hurt", "scaled_warmup"]
 
@@ -537,6 +538,20 @@ def student_model(run_directory) -> nn.Module:
     classes = meta["config"]["dataset"]["num_classes"]
     model = models.load_pretrained(arch, str(path / engine.STUDENT), num_classes=classes)
     return model.eval()
+
+
+def setup_predict(obj: Union[Setting, kconfig.RunConfig]):
+    """The predict function the engine hands a method's ``setup`` for this setting's runs: float32 logits
+    whatever the run's autocast, the run's evaluation batch size and memory format. A chapter that scores
+    images with it (DLKD's difficulties, CWKD's teacher accuracy) gets exactly what the training saw."""
+    from kdlib.engine import predict
+
+    cfg = obj.base_config() if isinstance(obj, Setting) else obj
+
+    def predict_fn(model: nn.Module, images_u8: Tensor) -> Tensor:
+        return predict(model, images_u8.cpu(), cfg.eval_batch_size, bool(cfg.channels_last), "none")
+
+    return predict_fn
 
 
 def logits(model: nn.Module, images_u8: Tensor, batch_size: int = 256) -> Tensor:

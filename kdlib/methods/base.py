@@ -64,7 +64,8 @@ class SetupContext:
     teacher: Optional[nn.Module]
     train_images: Tensor  # uint8 (N, 3, 32, 32), un-augmented, on the training device
     train_labels: Tensor  # int64 (N,)
-    # predict(model, uint8 images) -> fp32 logits (N, C): eval mode, no grad, normalised, batched.
+    # predict(model, uint8 images) -> logits (N, C) computed in fp32 whatever the run's amp (a score that
+    # steers training must not be ranked by bf16 rounding): eval mode, no grad, normalised, batched.
     predict: Callable[[nn.Module, Tensor], Tensor]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     epochs: int = 1
