@@ -12,8 +12,9 @@ the spread of those ``n`` differences and of nothing else (no other method's run
 comparison gets the same interval in every chapter). The interval is ``mean(d) ± t · sd(d) / sqrt(n)``
 with ``t`` the 97.5 % quantile of Student's t with ``n - 1`` degrees of freedom (12.71 for 1, 4.30 for 2,
 2.78 for 4). A difference is **distinguishable from seed noise** when that 95 % interval excludes 0 (a
-two-sided paired t-test at 5 %). Runs without common seeds are compared unpaired (Welch's t). One seed
-measures no noise: no verdict. The **detectable difference** is the one a build of this many seeds and
+two-sided paired t-test at 5 %). Runs without common seeds are compared unpaired (Welch's t; a single run
+against several by the prediction interval of one new run). One seed on both sides measures no noise:
+no verdict. The **detectable difference** is the one a build of this many seeds and
 this noise finds with 80 % probability, ``(t_0.975 + t_0.80) · sd(d) / sqrt(n)``.
 
 **Many comparisons** (:func:`holm`, :func:`benjamini_hochberg`): a table of several comparisons adds a
@@ -58,7 +59,7 @@ from kdlib.errors import KDLibError
 __all__ = ["ALPHA", "POWER", "PERMUTATIONS", "RULE", "t_cdf", "t_quantile", "t_critical", "Difference",
            "paired_difference", "seed_values", "difference_of_values", "compare", "holm",
            "benjamini_hochberg", "detectable_difference", "seeds_needed", "ClassEffects", "class_effects",
-           "Correlation", "effect_correlation", "permutation_correlation", "group_contrast", "spearman",
+           "Correlation", "effect_correlation", "effect_association", "permutation_correlation", "group_contrast", "spearman",
            "collapsed_runs", "drop_runs", "verdict_difference", "verdict_classes", "verdict_correlation",
            "verdict_collapsed", "verdict_table", "verdict_word", "power_sentence", "fmt_diff", "fmt_interval",
            "verdict_records", "comparison_key"]
@@ -256,6 +257,12 @@ def difference_of_values(a: pd.Series, b: pd.Series, label: str = "a", baseline:
                           tuple(int(s) for s in common), key)
     if len(a) == 0 or len(b) == 0:
         raise KDLibError(f"{label!r} or {baseline!r} has no value to compare")
+    if len(a) == 1 and len(b) >= 2:
+        # one run against several: is it a draw from the baseline's runs? The prediction interval of one
+        # new run, sd_b * sqrt(1 + 1/n_b), t with n_b - 1 df (assumes the single run is as noisy as them)
+        sd_b = float(b.std(ddof=1))
+        return Difference(label, baseline, metric, float(a.iloc[0] - b.mean()), sd_b,
+                          sd_b * math.sqrt(1 + 1 / len(b)), 1, float(len(b) - 1), False, (), key)
     va = float(a.var(ddof=1)) if len(a) >= 2 else float("nan")
     vb = float(b.var(ddof=1)) if len(b) >= 2 else float("nan")
     qa, qb = va / len(a), vb / len(b)
@@ -471,6 +478,7 @@ class Correlation:
     pairs: int  # seed pairs averaged (0: not drawn)
     naive: float = float("nan")  # the same correlation with shared runs (to show the artefact)
     reason: str = ""
+    null_mean: float = 0.0  # the correlation noise alone gives on average (not 0 for sizes of changes)
 
     @property
     def drawn(self) -> bool:
@@ -532,6 +540,32 @@ def effect_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline
     return Correlation(what, result.r, result.p, result.n, result.pairs, naive)
 
 
+def effect_association(effects: "ClassEffects", covariate, magnitude: bool = True, reps: int = PERMUTATIONS,
+                       what: str = "") -> Correlation:
+    """Rank correlation over classes between the class-specific changes of ``effects`` (their size
+    ``|O_c|`` with ``magnitude=True``, else ``O_c``) and a per-class ``covariate`` (a Series by class index,
+    e.g. the teacher's confidence), tested against the null twins: under "no class-specific effect" each
+    class's change and its twin are exchangeable, so swapping them at random gives the null distribution,
+    classes' own noise levels included (a noisy class is large in both). Two-sided p-value."""
+    t = effects.table.set_index("class_index")
+    x = pd.Series(covariate).reindex(t.index).to_numpy(float)
+    o, z = t["centred"].to_numpy(float), t["null"].to_numpy(float)
+    ok = np.isfinite(x) & np.isfinite(o) & np.isfinite(z)
+    if not effects.measured or ok.sum() < 3:
+        return Correlation(what, float("nan"), float("nan"), int(ok.sum()), 0,
+                           reason="it needs two seeds (one seed has no null twins)")
+    x, o, z = x[ok], o[ok], z[ok]
+    f = np.abs if magnitude else (lambda v: v)
+    xr = _rank_rows(x[None, :])[0]
+    r = float(_rank_rows(f(o)[None, :])[0] @ xr)
+    rng = np.random.default_rng(_RNG_SEED)
+    swap = rng.random((reps, o.size)) < 0.5
+    null = _rank_rows(f(np.where(swap, z, o))) @ xr
+    centre = float(null.mean())
+    p = (1 + int((np.abs(null - centre) >= abs(r - centre) - 1e-12).sum())) / (1 + reps)
+    return Correlation(what, r, p, int(o.size), 1, null_mean=centre)
+
+
 def group_contrast(matrix, groups, reps: int = PERMUTATIONS) -> Dict[str, float]:
     """Mean off-diagonal entry of a C x C ``matrix`` within a group minus between groups, and its
     permutation p-value (two-sided: the classes' group labels shuffled, group sizes kept)."""
@@ -588,12 +622,15 @@ def drop_runs(tables, runs_to_drop: pd.DataFrame):
 
 
 # -- sentences and tables ---------------------------------------------------------------------------------------------
-RULE = ("Each difference is paired by seed (same seed: same initialisation and data order) and its "
-        "uncertainty comes from these runs alone: the 95 % interval is the mean paired difference ± t × its "
-        "standard error, t from Student's distribution with (seeds − 1) degrees of freedom. "
-        "\"Distinguishable\" means the interval excludes 0 (a paired t-test at 5 %); with one seed nothing is "
-        "measured. \"Detectable\" is the true difference this many seeds would find with 80 % probability at "
-        "the noise measured here. With several rows, \"Holm\" keeps the 5 % for the whole table.")
+RULE = ("Differences are paired by seed (same initialisation and data order) and their noise comes from "
+        "the two compared methods' runs alone: the 95 % interval is the mean paired difference ± t × its "
+        "standard error, t from Student's distribution with seeds − 1 degrees of freedom; a verdict needs the "
+        "interval to exclude 0. \"Detectable\": the true difference these seeds find with 80 % probability at "
+        "the measured noise. Class counts: per seed, the class changes minus their median; a class gains (loses) "
+        "when its change lies in the top (bottom) 10 % of all changes and of their null twins, the same seeds "
+        "with half of them sign-flipped; gains and losses are exact sign tests at 2.5 % each. Correlations "
+        "pair runs of different seeds and are tested by permuting the classes. \"Whole table\": Holm's "
+        "correction over every tested row.")
 
 
 def fmt_diff(diff: float, digits: int = 2) -> str:
@@ -628,23 +665,52 @@ def verdict_word(d: Difference) -> str:
     return {1: "above", -1: "below", 0: "not distinguishable"}[d.sign]
 
 
-def verdict_table(diffs: Sequence[Tuple[str, Difference]], holm_column: Optional[bool] = None) -> pd.DataFrame:
-    """The chapter's one verdict table: ``[(row name, Difference)]`` -> comparison, difference, 95 %
-    interval, verdict, detectable (80 %) and, with several rows, the Holm verdict over the table."""
-    rows = []
-    for name, d in diffs:
-        rows.append({"comparison": name, "difference (points)": fmt_diff(d.diff),
-                     "95 % interval": fmt_interval(d), "verdict": verdict_word(d),
-                     "detectable (80 %)": f"{d.detectable:.2f}" if np.isfinite(d.detectable) else "–"})
-    table = pd.DataFrame(rows, columns=["comparison", "difference (points)", "95 % interval", "verdict",
-                                        "detectable (80 %)"])
-    if holm_column is None:
-        holm_column = len(diffs) > 1
-    if holm_column and diffs:
-        adjusted = holm([d.p_value for _, d in diffs])
-        table["Holm (whole table)"] = ["–" if not np.isfinite(p) else
-                                       ("distinguishable" if p < ALPHA else "not") for p in adjusted]
-    return table.set_index("comparison")
+def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
+    """One row of :func:`verdict_table` and the p-value of its 5 % test (for Holm)."""
+    if isinstance(item, Difference):
+        return {"claim": name, "estimate": f"{item.diff:+.2f} points",
+                "95 % interval or test": (f"{fmt_interval(item)}, t with {item.df:.0f} df" if item.measured
+                                          else "one seed: not measured"),
+                "verdict": verdict_word(item),
+                "detectable (80 %)": f"{item.detectable:.2f} points" if np.isfinite(item.detectable) else "–",
+                "_p": item.p_value}
+    if isinstance(item, ClassEffects):
+        gains = side == "gains"
+        count, expected = (item.gains, item.expected_gains) if gains else (item.losses, item.expected_losses)
+        p = item.p_gains if gains else item.p_losses
+        beyond = item.gains_beyond_noise if gains else item.losses_beyond_noise
+        return {"claim": name, "estimate": (f"{count} classes (noise: about {expected:.0f})" if item.measured
+                                            else "–"),
+                "95 % interval or test": f"sign test, p = {p:.3f}" if item.measured else "one seed: not measured",
+                "verdict": ("beyond noise" if beyond else "not distinguishable") if item.measured else
+                "not measured (1 seed)",
+                "detectable (80 %)": "–", "_p": min(1.0, 2 * p) if item.measured else float("nan")}
+    if isinstance(item, Correlation):
+        return {"claim": name, "estimate": (f"r = {item.r:+.2f}" + (f" (noise: {item.null_mean:+.2f})"
+                                                                     if abs(item.null_mean) > 0.005 else ""))
+                if item.drawn else "–",
+                "95 % interval or test": (f"permutation, p = {item.p:.3f}" if item.drawn else
+                                          f"not drawn: {item.reason or 'too few seeds'}"),
+                "verdict": ("distinguishable" if item.distinguishable else "not distinguishable") if item.drawn
+                else "not measured",
+                "detectable (80 %)": "–", "_p": item.p if item.drawn else float("nan")}
+    raise KDLibError(f"verdict_table cannot show a {type(item).__name__}")
+
+
+def verdict_table(rows: Sequence[Tuple]) -> pd.DataFrame:
+    """The chapter's one verdict table. ``rows``: ``(claim, Difference)``, ``(claim, ClassEffects, "gains"
+    or "losses")`` or ``(claim, Correlation)``. Columns: the estimate, its 95 % interval (or the test and
+    its p-value), the verdict, the detectable difference, and with several tested rows the Holm verdict
+    over the whole table (class counts enter Holm with twice their one-sided p-value)."""
+    shown = [_table_row(*row) for row in rows]
+    table = pd.DataFrame(shown, columns=["claim", "estimate", "95 % interval or test", "verdict",
+                                         "detectable (80 %)", "_p"])
+    p = table["_p"].to_numpy(float)
+    if np.isfinite(p).sum() > 1:
+        adjusted = holm(p)
+        table["whole table (Holm)"] = ["–" if not np.isfinite(q) else ("holds" if q < ALPHA else "does not hold")
+                                       for q in adjusted]
+    return table.drop(columns="_p").set_index("claim")
 
 
 def verdict_records(diffs: Sequence[Tuple[str, Difference]]) -> List[Dict[str, object]]:
@@ -696,9 +762,11 @@ def verdict_correlation(c: Correlation, what: Optional[str] = None) -> str:
     if not c.drawn:
         return f"The correlation between {what} is not drawn: {c.reason or 'too few seeds'}."
     naive = (f" (with shared runs it would read {c.naive:.2f})" if np.isfinite(c.naive) else "")
+    if abs(c.null_mean) > 0.005:
+        naive += f"; noise alone gives {c.null_mean:+.2f} on average"
     if c.distinguishable:
         return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation "
-                f"p = {c.p:.3f}): {'positive' if c.r > 0 else 'negative'} beyond chance{naive}.")
+                f"p = {c.p:.3f}): {'positive' if c.r > c.null_mean else 'negative'} beyond chance{naive}.")
     return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation "
             f"p = {c.p:.3f}): not distinguishable from no association{naive}.")
 

@@ -104,6 +104,7 @@ def test_label_names_dataset_profile_pair_and_seeds():
     assert ex.dataset(s).description in text
     assert "synthetic" in text and "smoke" in text
     assert "resnet8→resnet8" in text and "1 epoch " in text and "seeds 0, 1" in text
+    assert text.endswith(ex.precision(s)) and ex.precision(s).startswith("students ")  # how they computed
     runs = pd.DataFrame({"method": ["vanilla", "kd"], "teacher": [None, "resnet20"],
                          "student": ["resnet8", "resnet8"], "seed": [0, 0], "profile": ["paper", "paper"],
                          "dataset": ["CIFAR-100 (50000 train / 10000 test)"] * 2, "epochs": [240, 240]})

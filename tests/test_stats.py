@@ -117,11 +117,20 @@ def test_unpaired_runs_use_welch():
     assert d.df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 3))
 
 
+def test_one_run_against_several_uses_the_prediction_interval():
+    one = pd.Series([40.0], index=[0])
+    several = pd.Series([58.0, 60.0, 59.0, 57.0], index=[0, 1, 2, 3])
+    d = stats.difference_of_values(one, several.loc[[1, 2, 3]].rename(lambda i: i + 10))
+    sd = several.loc[[1, 2, 3]].std(ddof=1)
+    assert not d.paired and d.df == 2 and d.se == pytest.approx(sd * math.sqrt(1 + 1 / 3))
+    assert d.distinguishable and d.sign == -1
+
+
 def test_one_seed_is_not_a_finding():
     d = stats.paired_difference(runs_frame({"vanilla": [50.0], "kd": [60.0]}), "kd", "vanilla")
     assert not d.measured and not d.distinguishable and d.sign == 0
     assert "not a finding" in stats.verdict_difference(d)
-    assert stats.verdict_table([("kd − vanilla", d)]).iloc[0]["95 % interval"] == "not measured"
+    assert stats.verdict_table([("kd − vanilla", d)]).iloc[0]["verdict"] == "not measured (1 seed)"
 
 
 def simulate_pairs(n_seeds, experiments, effect, rng, shared=1.5, own=1.0):
@@ -171,10 +180,16 @@ def test_verdict_sentences_and_table():
     diffs = [(name, stats.paired_difference(runs, name, "vanilla")) for name in ("gain", "loss", "noise")]
     shown = stats.verdict_table(diffs)
     assert list(shown["verdict"]) == ["above", "below", "not distinguishable"]
-    assert list(shown["Holm (whole table)"]) == ["distinguishable", "distinguishable", "not"]
+    assert list(shown["whole table (Holm)"]) == ["holds", "holds", "does not hold"]
+    assert shown.loc["gain", "95 % interval or test"].endswith("t with 3 df")
     records = stats.verdict_records(diffs)
     assert records[0]["key"] == table.loc["gain", "key"] and records[0]["verdict"] == "above"
     assert "detects a true difference of" in stats.power_sentence([d for _, d in diffs])
+    # class counts and correlations sit in the same table; one row alone has no Holm column
+    effects = stats.class_effects(class_world(np.random.default_rng(0), 2), "kd", "vanilla")
+    mixed = stats.verdict_table([("gain", diffs[0][1]), ("losses", effects, "losses")])
+    assert mixed.loc["losses", "95 % interval or test"].startswith("sign test, p = ")
+    assert "whole table (Holm)" not in stats.verdict_table(diffs[:1])
 
 
 # -- class by class -------------------------------------------------------------------------------------------------
@@ -264,6 +279,33 @@ def test_correlation_with_a_fixed_vector():
     teacher = pd.Series(rng.uniform(50, 95, C))
     res = stats.effect_correlation(world, "kd", None, "vanilla", other=teacher)
     assert res.pairs == 2 and 0 < res.p <= 1
+
+
+def test_effect_association_is_calibrated_against_the_null_twins():
+    """Noisy classes are large in both the change and its twin: a covariate that tracks the noise level
+    correlates with the size of the changes under pure noise, and the twin-swap null absorbs that."""
+    rng = np.random.default_rng(31)
+    experiments, alarms, raw = 300, 0, []
+    for _ in range(experiments):
+        frame = class_world(rng, 4, shift=2.0)
+        effects = stats.class_effects(frame, "kd", "vanilla")
+        noisy = frame[frame.label == "vanilla"].groupby("class_index")["acc"].std()  # tracks the noise level
+        res = stats.effect_association(effects, noisy, reps=199)
+        alarms += res.distinguishable
+        raw.append(res.r)
+    assert alarms <= binomial_upper(experiments, 0.05)
+    assert np.mean(raw) > 0.1  # the naive reading of r would see an association that is only noise
+
+
+def test_effect_association_finds_an_effect_that_grows_with_the_covariate():
+    rng = np.random.default_rng(2)
+    covariate = pd.Series(np.linspace(0, 1, C))
+    effect = 30.0 * covariate.to_numpy() * np.where(np.arange(C) % 2, 1.0, -1.0)  # larger with x, either sign
+    effects = stats.class_effects(class_world(rng, 4, effect=effect), "kd", "vanilla")
+    res = stats.effect_association(effects, covariate)
+    assert res.distinguishable and res.r > res.null_mean
+    signed = stats.effect_association(effects, covariate, magnitude=False)
+    assert not signed.distinguishable  # the signs cancel: a signed test misses an unsigned prediction
 
 
 def test_group_contrast_permutation():
