@@ -35,6 +35,7 @@ API (stable; the method chapters are written against it)::
     within_between(matrix, groups) -> dict(within=, between=, n_within=, n_between=)
 
     verdicts([(claim, stats result), ...]) -> DataFrame  # the chapter's verdict table; glues rule, power_text
+    share(count, total) -> str                    # "11 of 4,000 (0.28 %)": never a small share printed as 0 %
     summarize(tables, by="label") -> DataFrame   # mean/std over seeds of best and last accuracy, cost
     pm(mean, std, digits=2) -> str               # "71.23 ± 0.40"
     class_accuracy(tables, by="label") -> DataFrame        # per class, mean over seeds (+ teacher_acc)
@@ -86,7 +87,7 @@ from kdlib.records import RunTables, load_runs
 
 __all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "precision", "dataset", "teacher_model",
            "teacher_run", "teacher_records", "student_model", "logits", "setup_predict", "method_artifacts", "method_history",
-           "image_predictions", "within_between", "glue", "verdicts", "summarize", "pm", "class_accuracy",
+           "image_predictions", "within_between", "glue", "verdicts", "share", "summarize", "pm", "class_accuracy",
            "class_delta", "tail_accuracy", "helped_hurt", "seed_halves", "scaled_warmup"]
 
 #: the papers' warm-up length (epochs) out of their 240-epoch recipe
@@ -609,6 +610,17 @@ def glue(key: str, value: Any, display: bool = False) -> None:
     if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
         value = value.item()
     _glue(key, value, display=display)
+
+
+def share(count: int, total: int) -> str:
+    """``"11 of 4,000 (0.28 %)"``: a count and its percentage with enough digits that a small share does
+    not print as 0 % (two significant digits below 1 %)."""
+    count, total = int(count), int(total)
+    if total <= 0:
+        return f"{count} of {total}"
+    pct = 100.0 * count / total
+    digits = 0 if pct == 0 or pct >= 10 or pct == round(pct) else (1 if pct >= 1 else 2 - int(math.floor(math.log10(pct))) - 1)
+    return f"{count:,} of {total:,} ({pct:.{digits}f} %)"
 
 
 def verdicts(rows: Sequence[Tuple]) -> pd.DataFrame:

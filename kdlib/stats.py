@@ -59,7 +59,7 @@ from kdlib.errors import KDLibError
 __all__ = ["ALPHA", "POWER", "PERMUTATIONS", "RULE", "t_cdf", "t_quantile", "t_critical", "Difference",
            "paired_difference", "seed_values", "difference_of_values", "compare", "holm",
            "benjamini_hochberg", "detectable_difference", "seeds_needed", "ClassEffects", "class_effects",
-           "Correlation", "effect_correlation", "effect_association", "permutation_correlation", "group_contrast", "spearman",
+           "Correlation", "effect_correlation", "effect_association", "permutation_correlation", "matrix_correlation", "group_contrast", "spearman",
            "collapsed_runs", "drop_runs", "verdict_difference", "verdict_classes", "verdict_correlation",
            "verdict_collapsed", "verdict_table", "verdict_word", "power_sentence", "fmt_diff", "fmt_interval",
            "verdict_records", "comparison_key"]
@@ -586,6 +586,26 @@ def group_contrast(matrix, groups, reps: int = PERMUTATIONS) -> Dict[str, float]
     return {"contrast": observed, "p": float(p), "null_sd": float(null.std())}
 
 
+def matrix_correlation(a, b, reps: int = PERMUTATIONS, what: str = "") -> Correlation:
+    """Spearman correlation of the off-diagonal entries of two C x C matrices, tested by permuting the
+    classes of one of them (rows and columns together: a Mantel test). The entries of a matrix are not
+    independent (each class appears in a whole row), so a plain correlation test would be far too sure."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise KDLibError(f"need two C x C matrices, got {a.shape} and {b.shape}")
+    c = a.shape[0]
+    off = ~np.eye(c, dtype=bool)
+    ar = _rank_rows(a[off][None, :])[0]
+    r = float(ar @ _rank_rows(b[off][None, :])[0])
+    rng = np.random.default_rng(_RNG_SEED)
+    null = np.empty(reps)
+    for i in range(reps):
+        perm = rng.permutation(c)
+        null[i] = ar @ _rank_rows(b[np.ix_(perm, perm)][off][None, :])[0]
+    p = (1 + int((np.abs(null) >= abs(r) - 1e-12).sum())) / (1 + reps)
+    return Correlation(what, r, p, c, 1)
+
+
 # -- failed runs ----------------------------------------------------------------------------------------------------
 def collapsed_runs(runs: pd.DataFrame, num_classes: int, metric: str = "last_test_acc",
                    factor: float = 2.0) -> pd.DataFrame:
@@ -674,6 +694,16 @@ def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
                 "verdict": verdict_word(item),
                 "detectable (80 %)": f"{item.detectable:.2f} points" if np.isfinite(item.detectable) else "–",
                 "_p": item.p_value}
+    if isinstance(item, ClassEffects) and side == "either":
+        p = min(1.0, 2 * min(item.p_gains, item.p_losses)) if item.measured else float("nan")
+        return {"claim": name, "estimate": (f"{item.gains} gain, {item.losses} lose (noise: about "
+                                            f"{item.expected_gains:.0f}, {item.expected_losses:.0f})"
+                                            if item.measured else "–"),
+                "95 % interval or test": (f"sign tests, p = {item.p_gains:.3f} (gains), {item.p_losses:.3f} (losses)"
+                                          if item.measured else "one seed: not measured"),
+                "verdict": (("beyond noise" if item.beyond_noise else "not distinguishable") if item.measured
+                            else "not measured (1 seed)"),
+                "detectable (80 %)": "–", "_p": p}
     if isinstance(item, ClassEffects):
         gains = side == "gains"
         count, expected = (item.gains, item.expected_gains) if gains else (item.losses, item.expected_losses)
@@ -694,12 +724,20 @@ def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
                 "verdict": ("distinguishable" if item.distinguishable else "not distinguishable") if item.drawn
                 else "not measured",
                 "detectable (80 %)": "–", "_p": item.p if item.drawn else float("nan")}
+    if isinstance(item, dict) and "verdict" in item:  # a summary row a chapter builds itself
+        return {"claim": name, "estimate": item.get("estimate", "–"), "95 % interval or test": item.get("test", "–"),
+                "verdict": item["verdict"], "detectable (80 %)": "–", "_p": float(item.get("p", float("nan")))}
+    if isinstance(item, dict) and "contrast" in item:  # group_contrast
+        return {"claim": name, "estimate": f"{item['contrast']:+.4f}", "95 % interval or test":
+                f"permutation, p = {item['p']:.3f}",
+                "verdict": "distinguishable" if item["p"] < ALPHA else "not distinguishable",
+                "detectable (80 %)": "–", "_p": item["p"]}
     raise KDLibError(f"verdict_table cannot show a {type(item).__name__}")
 
 
 def verdict_table(rows: Sequence[Tuple]) -> pd.DataFrame:
-    """The chapter's one verdict table. ``rows``: ``(claim, Difference)``, ``(claim, ClassEffects, "gains"
-    or "losses")`` or ``(claim, Correlation)``. Columns: the estimate, its 95 % interval (or the test and
+    """The chapter's one verdict table. ``rows``: ``(claim, Difference)``, ``(claim, ClassEffects, "gains",
+    "losses" or "either")``, ``(claim, Correlation)`` or ``(claim, group_contrast(...))``. Columns: the estimate, its 95 % interval (or the test and
     its p-value), the verdict, the detectable difference, and with several tested rows the Holm verdict
     over the whole table (class counts enter Holm with twice their one-sided p-value)."""
     shown = [_table_row(*row) for row in rows]

@@ -308,6 +308,16 @@ def test_effect_association_finds_an_effect_that_grows_with_the_covariate():
     assert not signed.distinguishable  # the signs cancel: a signed test misses an unsigned prediction
 
 
+def test_matrix_correlation_is_a_mantel_test():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(C, 3))
+    a = x @ x.T                                   # class similarity from hidden features
+    b = a + rng.normal(0, 1.0, (C, C))
+    assert stats.matrix_correlation(a, b, reps=199).distinguishable
+    unrelated = np.random.default_rng(2).normal(size=(C, 3))
+    assert not stats.matrix_correlation(a, unrelated @ unrelated.T, reps=199).distinguishable
+
+
 def test_group_contrast_permutation():
     groups = np.repeat(np.arange(20), 5)
     rng = np.random.default_rng(0)

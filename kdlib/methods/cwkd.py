@@ -4,9 +4,9 @@ statistic, the hard-class rule, the weighting and the schedule below are kdlib's
 (the CWKD chapter lists what is read and what is chosen). Exact part: the base loss is KD (T = 4, 0.1 CE / 0.9 KD).
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y)
-          + \lambda_{KD}\,\frac{1}{B}\sum_b w_b\, T^2\,
-          \mathrm{KL}\big(\sigma(z^t_b/T) \,\|\, \sigma(z^s_b/T)\big),
-          \qquad w_b = \frac{1 + \gamma_h\,[y_b \in H]}{\frac{1}{B}\sum_{b'} (1 + \gamma_h\,[y_{b'} \in H])}
+          + \lambda_{KD}\,\frac{1}{B}\sum_n w_n\, T^2\,
+          \mathrm{KL}\big(\sigma(z^t_n/T) \,\|\, \sigma(z^s_n/T)\big),
+          \qquad w_n = \frac{1 + \gamma_h\,[y_n \in H]}{\frac{1}{B}\sum_{m} (1 + \gamma_h\,[y_m \in H])}
 
 * statistic ``a_c`` per class (lower = harder): ``student_acc`` (default; the student's running training
   accuracy, correct/seen counted in ``forward`` on the augmented stream, reset each epoch),
@@ -15,7 +15,7 @@ statistic, the hard-class rule, the weighting and the schedule below are kdlib's
   run's autocast: the hard set ranks these accuracies).
 * hard set H, refreshed in ``end_epoch``: ``lowest_k`` (the ``num_hard`` lowest a_c, ties to the lower
   class index) or ``below_mean_std`` (a_c < mean - std, population std). Classes not seen yet are never hard.
-* ``weighting="soft"`` replaces [y_b in H] with :math:`h_c = (1-a_c)^\rho / \mathrm{mean}_c (1-a_c)^\rho`.
+* ``weighting="soft"`` replaces [y_n in H] with :math:`h_c = (1-a_c)^\rho / \mathrm{mean}_c (1-a_c)^\rho`.
 * Before the first refresh no class is hard, so **CWKD equals KD during epoch 1** (with ``teacher_acc``
   the set is known in ``setup`` and used from epoch 1). gamma_h = 0 gives KD exactly.
 * ``normalize`` divides w by its batch mean (total loss scale unchanged); ``apply_to_ce`` weights CE too.
