@@ -72,7 +72,7 @@ def correctness(run_dir, images, labels):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="_build/power/power.json")
-    p.add_argument("--recipes", default="6x40,4x40,8x40", help="EPOCHSxTRAIN_PER_CLASS, comma separated")
+    p.add_argument("--recipes", default="6x40,4x40,4x30", help="EPOCHSxTRAIN_PER_CLASS, comma separated")
     p.add_argument("--seeds", default="6,4,4", help="seeds per recipe, comma separated")
     p.add_argument("--big-test", type=int, default=200, help="test images per class of the evaluation set")
     a = p.parse_args()

@@ -755,6 +755,8 @@ def verdict_records(diffs: Sequence[Tuple[str, Difference]]) -> List[Dict[str, o
     """The numbers behind a verdict table, keyed by :func:`comparison_key`, for a cross-chapter check."""
     out = []
     for name, d in diffs:
+        if not d.key:  # a comparison of values a chapter computed itself: nothing another chapter could share
+            continue
         lo, hi = d.ci
         out.append({"name": name, "key": d.key, "diff": round(d.diff, 6), "ci_low": round(lo, 6) if np.isfinite(lo) else None,
                     "ci_high": round(hi, 6) if np.isfinite(hi) else None, "df": d.df, "n": d.n,

@@ -196,3 +196,20 @@ def test_chapter_cells_print_nothing():
     for path in NOTEBOOKS:
         for cell in code_cells(path.read_text()):
             assert not re.search(r"^\s*print\(", cell, re.M), path.name
+
+
+def test_every_glued_name_the_prose_uses_is_glued():
+    """A sentence that refers to a glue key no cell glues renders as a missing value (the chapters lost
+    keys when their cells were rewritten); every ``{glue:...}`key``` needs an ``glue("key", ...)``."""
+    for path in NOTEBOOKS:
+        text = path.read_text()
+        used = set(re.findall(r"\{glue:(?:text|figure|md|any|math)?\}`([A-Za-z0-9_]+)", text))
+        used |= set(re.findall(r"```\{glue:figure\}\s+([A-Za-z0-9_]+)", text))
+        code = "\n".join(code_cells(text))
+        defined = set(re.findall(r"glue\(\s*[\"']([A-Za-z0-9_]+)[\"']", code))
+        prefixes = re.findall(r"glue\(\s*f[\"']([A-Za-z0-9_]*)\{", code)  # glue(f"goal_{name}", ...)
+        literals = set(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", code))  # keys glued through a variable
+        if "ex.verdicts(" in code:
+            defined |= {"rule", "power_text", "verdict_records"}
+        missing = {k for k in used - defined if not any(p and k.startswith(p) for p in prefixes) and k not in literals}
+        assert not missing, (path.name, sorted(missing))

@@ -209,7 +209,7 @@ def test_class_rule_keeps_its_rate_under_pure_noise(n_seeds):
     """Heavy tails, per-class noise levels, shared seed noise and an average shift, no class-specific
     effect: gains and losses are each flagged at most at their 2.5 %."""
     rng = np.random.default_rng(100 + n_seeds)
-    experiments = 600
+    experiments = 400
     gains = losses = 0
     for _ in range(experiments):
         e = stats.class_effects(class_world(rng, n_seeds, shift=4.0), "kd", "vanilla")
