@@ -56,7 +56,7 @@ teacher in their identity, so every chapter shares them.
 
 Warm-up. DKD-style methods ramp their distillation weight up over ``warmup`` epochs (20 of the papers'
 240). Every run's recipe scales that warm-up with the run's length, ``20 * epochs / 240`` epochs without
-rounding (:func:`kdlib.config.scaled_warmup`: 0.5 epoch in the 6-epoch smoke profile), the book as the
+rounding (:func:`kdlib.config.scaled_warmup`: a third of an epoch in the 4-epoch smoke profile), the book as the
 command line and the sweeps, and the methods ramp a warm-up that is
 not a whole number >= 2 of epochs per step (:func:`kdlib.methods.base.warmup_factor`), so a short run's
 warm-up still ramps. A value the chapter passes explicitly is used as given, and the value used is

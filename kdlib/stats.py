@@ -38,8 +38,9 @@ Naming single classes is one test per class: such lists are exploratory.
 **Two methods' class effects** (:func:`effect_correlation`). Runs of one seed share per-class noise
 whatever the method, and deltas against one shared baseline share its noise. So each method's per-class
 delta is taken within one seed (``A_s - B_s``) and correlated with the other's from a *different* seed
-(``C_t - B_t``, ``t != s``): no run, and no seed, is shared. The rank correlation is averaged over the
-ordered seed pairs and tested by permuting the classes (1,999 permutations).
+(``C_t - B_t``, ``t != s``): no run, and no seed, is shared. The rank correlation is averaged over
+disjoint seed pairs (each seed used once: pairs (s, t) and (t, s) together would share the baseline runs
+of both seeds) and tested by permuting the classes (1,999 permutations).
 
 Every function here is tested on synthetic records with a known answer (a clear effect, pure noise, noise
 shared by a seed) in ``tests/test_stats.py``, including that each rule's false-alarm rate stays at its
@@ -510,7 +511,8 @@ def effect_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline
                        other: Optional[pd.Series] = None, what: str = "", reps: int = PERMUTATIONS) -> Correlation:
     """Rank correlation over classes between ``a - baseline`` and ``b - baseline`` (or ``other - baseline``,
     ``other`` a per-class Series such as the teacher's accuracy), with crossed seeds: ``a``'s delta from
-    seed s, the other from a seed t != s, averaged over the ordered pairs; permutation p-value."""
+    seed s, the other from a seed t != s, averaged over disjoint pairs (s, t) (each seed used once, so no
+    two terms share a run); permutation p-value."""
     base = _per_seed_classes(classes, baseline, by)
     xa = _per_seed_classes(classes, a, by)
     if b is not None:
@@ -526,7 +528,17 @@ def effect_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline
         dy = ((yb[seeds_y] - base[seeds_y]).mean(axis=1) if b is not None
               else pd.Series(other).reindex(base.index) - base[seeds_y].mean(axis=1))
         naive = spearman(dx.reindex(index), dy.reindex(index))
-    pairs = [(s, t) for s in seeds_x for t in seeds_y if s != t]
+    # disjoint pairs of seeds, each seed used once: with both (s, t) and (t, s) the two terms would share
+    # the baseline runs of s and t and the permutation test would be too sure of itself
+    pairs, free = [], list(dict.fromkeys(seeds_x + seeds_y))
+    for s in seeds_x:
+        if s not in free:
+            continue
+        t = next((t for t in seeds_y if t != s and t in free), None)
+        if t is not None:
+            pairs.append((s, t))
+            free.remove(s)
+            free.remove(t)
     if not pairs:
         return Correlation(what, float("nan"), float("nan"), len(index), 0, naive,
                            "it needs two seeds, so that the two changes share no run and no seed")

@@ -209,7 +209,7 @@ def warmup_by_epoch(warmup_epochs: float) -> bool:
     By epoch exactly when the warm-up spans a whole number of epochs, at least 2: then ``min(e / W, 1)``
     by epoch still ramps (epoch 1 trains at ``1/W`` of the weight) and the papers' profile (W = 20 of 240
     epochs) reads exactly as mdistiller's ``min(epoch / 20, 1)``. A shorter or fractional warm-up (the
-    scaled recipe of short runs: 0.5 epoch in the 6-epoch smoke profile) ramps per step instead, because
+    scaled recipe of short runs: a third of an epoch in the 4-epoch smoke profile) ramps per step instead, because
     by epoch the weight would already be 1 in the first epoch and the warm-up would do nothing.
     """
     w = float(warmup_epochs)
