@@ -22,8 +22,10 @@ Holm-adjusted verdict (family-wise 5 %); per-class lists and pairs of methods ar
 Benjamini-Hochberg or labelled *exploratory*.
 
 **Class by class** (:func:`class_effects`). Per seed, the class deltas ``A_s,c - B_s,c`` are *centred*
-(their median over the classes, the typical shift, is removed; a median, so that a few classes with a
-large effect do not push all the others), so what remains is class-specific. The
+(their 20 %-trimmed mean over the classes, the typical shift, is removed: trimmed, so that a few classes
+with a large effect do not push all the others; a mean, because class accuracies move in steps of
+100 / test images and a median would land on a step, not on the shift), so what remains is
+class-specific. The
 observed change of class c is the mean of its centred deltas over the seeds, ``O_c``; its *null twin*
 ``N_c`` is the same mean with the signs of the last ``n // 2`` seeds flipped (a class-specific effect
 cancels in it, seed noise does not). When seed noise is independent between seeds and symmetric, ``O_c``
@@ -62,7 +64,7 @@ __all__ = ["ALPHA", "POWER", "PERMUTATIONS", "RULE", "t_cdf", "t_quantile", "t_c
            "benjamini_hochberg", "detectable_difference", "seeds_needed", "ClassEffects", "class_effects",
            "Correlation", "effect_correlation", "effect_association", "permutation_correlation", "matrix_correlation", "group_contrast", "spearman",
            "collapsed_runs", "drop_runs", "verdict_difference", "verdict_classes", "verdict_correlation",
-           "verdict_collapsed", "verdict_table", "verdict_word", "power_sentence", "fmt_diff", "fmt_interval",
+           "verdict_collapsed", "verdict_table", "verdict_word", "fmt_p", "power_sentence", "fmt_diff", "fmt_interval",
            "verdict_records", "comparison_key"]
 
 #: two-sided error rate of every verdict
@@ -283,30 +285,25 @@ def paired_difference(runs: pd.DataFrame, label: str, baseline: str, metric: str
     return difference_of_values(a, b, label, baseline, metric, key)
 
 
-def holm(p_values: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error rate); NaN stays NaN."""
+def _adjusted(p_values: Sequence[float], step) -> np.ndarray:
+    """Adjusted p-values: ``step(sorted finite p) -> adjusted, in that order``; NaN stays NaN."""
     p = np.asarray(p_values, dtype=float)
     out = np.full_like(p, np.nan)
     ok = np.flatnonzero(np.isfinite(p))
     if ok.size:
         order = ok[np.argsort(p[ok], kind="stable")]
-        m = len(order)
-        adjusted = np.maximum.accumulate([(m - i) * p[j] for i, j in enumerate(order)])
-        out[order] = np.minimum(adjusted, 1.0)
+        out[order] = np.minimum(step(p[order]), 1.0)
     return out
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error rate); NaN stays NaN."""
+    return _adjusted(p_values, lambda q: np.maximum.accumulate((len(q) - np.arange(len(q))) * q))
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate); NaN stays NaN."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    if ok.size:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        m = len(order)
-        scaled = [p[j] * m / (i + 1) for i, j in enumerate(order)]
-        out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    return out
+    return _adjusted(p_values, lambda q: np.minimum.accumulate((q * len(q) / (np.arange(len(q)) + 1))[::-1])[::-1])
 
 
 def compare(runs: pd.DataFrame, baseline: str, labels: Optional[Sequence[str]] = None,
@@ -337,6 +334,13 @@ def _row(d: Difference, by: str = "label") -> Dict[str, object]:
 
 
 # -- class by class -------------------------------------------------------------------------------------------
+def _trimmed_mean(values, cut: float = 0.2) -> float:
+    """The mean of the middle ``1 - 2 cut`` of the values (20 % off each end)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    k = int(cut * v.size)
+    return float(v[k:v.size - k].mean()) if v.size > 2 * k else float(np.median(v))
+
+
 def _per_seed_classes(classes: pd.DataFrame, label: str, by: str) -> pd.DataFrame:
     sub = classes[classes[by] == label]
     if sub.empty:
@@ -356,7 +360,7 @@ class ClassEffects:
     baseline: str
     n: int
     table: pd.DataFrame
-    shift: float  # the typical change over the classes (per seed, the median over classes; mean over seeds)
+    shift: float  # the typical change over the classes (per seed, the trimmed mean over classes; mean over seeds)
     upper: float  # a class gains when its centred change is above this (see class_effects)
     lower: float  # and loses below this one
     gains: int
@@ -427,7 +431,8 @@ def class_effects(classes: pd.DataFrame, label: str, baseline: str, by: str = "l
              if "class_name" in classes else pd.Series(dtype=str))
     table = pd.DataFrame({"class_index": d.index, "class_name": names.reindex(d.index).to_numpy(),
                           "delta": delta.to_numpy(float)})
-    shift = float(d.median(axis=0).mean())
+    centre = d.apply(_trimmed_mean)  # per seed
+    shift = float(centre.mean())
     table["centred"] = table["delta"] - shift
     nan = float("nan")
     if n < 2:
@@ -435,11 +440,13 @@ def class_effects(classes: pd.DataFrame, label: str, baseline: str, by: str = "l
         return ClassEffects(label, baseline, n, table, shift, nan, nan, 0, 0, nan, nan, nan, nan)
     signs = np.ones(n)
     signs[n - n // 2:] = -1.0  # the last n // 2 seeds flipped: a class effect cancels (n even) or shrinks
-    # each seed's typical shift removed: the median, so that a few classes with a large effect do not
-    # shift every other class and pass for gains (the mean would)
-    values = (d - d.median(axis=0)).to_numpy(float)
+    values = (d - centre).to_numpy(float)
     obs = values.sum(1) / n  # = the centred mean delta
     null = (values * signs).sum(1) / n  # its null twin: the same noise, on the same scale
+    # what is left of a location (the per-seed centres are estimates) is taken out of both alike: the test
+    # is about tails, and an offset between the two would pass for gains or losses
+    obs, null = obs - _trimmed_mean(obs), null - _trimmed_mean(null)
+    table["centred"] = obs
     table["null"] = null
     pooled = np.sort(null)
     table["p_gain"] = [(1 + (pooled >= o).sum()) / (1 + pooled.size) for o in obs]
@@ -658,7 +665,7 @@ RULE = ("Differences are paired by seed (same initialisation and data order) and
         "the two compared methods' runs alone: the 95 % interval is the mean paired difference ± t × its "
         "standard error, t from Student's distribution with seeds − 1 degrees of freedom; a verdict needs the "
         "interval to exclude 0. \"Detectable\": the true difference these seeds find with 80 % probability at "
-        "the measured noise. Class counts: per seed, the class changes minus their median; a class gains (loses) "
+        "the measured noise. Class counts: per seed, the class changes minus their trimmed mean; a class gains (loses) "
         "when its change lies in the top (bottom) 10 % of all changes and of their null twins, the same seeds "
         "with half of them sign-flipped; gains and losses are exact sign tests at 2.5 % each. Correlations "
         "pair runs of different seeds and are tested by permuting the classes. \"Whole table\": Holm's "
@@ -697,21 +704,32 @@ def verdict_word(d: Difference) -> str:
     return {1: "above", -1: "below", 0: "not distinguishable"}[d.sign]
 
 
+def fmt_p(p: float) -> str:
+    """``"p = 0.034"``, ``"p < 0.001"`` (a randomisation p-value never reaches 0)."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _unit(metric: str) -> str:
+    return " points" if ("acc" in metric or "%" in metric) else ""
+
+
 def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
     """One row of :func:`verdict_table` and the p-value of its 5 % test (for Holm)."""
     if isinstance(item, Difference):
-        return {"claim": name, "estimate": f"{item.diff:+.2f} points",
-                "95 % interval or test": (f"{fmt_interval(item)}, t with {item.df:.0f} df" if item.measured
+        digits = 2 if _unit(item.metric) or abs(item.diff) >= 0.1 else 4
+        return {"claim": name, "estimate": f"{item.diff:+.{digits}f}{_unit(item.metric)}",
+                "95 % interval or test": (f"{fmt_interval(item, digits)}, t with {item.df:.0f} df" if item.measured
                                           else "one seed: not measured"),
                 "verdict": verdict_word(item),
-                "detectable (80 %)": f"{item.detectable:.2f} points" if np.isfinite(item.detectable) else "–",
+                "detectable (80 %)": (f"{item.detectable:.{digits}f}{_unit(item.metric)}"
+                                      if np.isfinite(item.detectable) else "–"),
                 "_p": item.p_value}
     if isinstance(item, ClassEffects) and side == "either":
         p = min(1.0, 2 * min(item.p_gains, item.p_losses)) if item.measured else float("nan")
         return {"claim": name, "estimate": (f"{item.gains} gain, {item.losses} lose (noise: about "
                                             f"{item.expected_gains:.0f}, {item.expected_losses:.0f})"
                                             if item.measured else "–"),
-                "95 % interval or test": (f"sign tests, p = {item.p_gains:.3f} (gains), {item.p_losses:.3f} (losses)"
+                "95 % interval or test": (f"sign tests, {fmt_p(item.p_gains)} (gains), {fmt_p(item.p_losses)} (losses)"
                                           if item.measured else "one seed: not measured"),
                 "verdict": (("beyond noise" if item.beyond_noise else "not distinguishable") if item.measured
                             else "not measured (1 seed)"),
@@ -723,7 +741,7 @@ def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
         beyond = item.gains_beyond_noise if gains else item.losses_beyond_noise
         return {"claim": name, "estimate": (f"{count} classes (noise: about {expected:.0f})" if item.measured
                                             else "–"),
-                "95 % interval or test": f"sign test, p = {p:.3f}" if item.measured else "one seed: not measured",
+                "95 % interval or test": f"sign test, {fmt_p(p)}" if item.measured else "one seed: not measured",
                 "verdict": ("beyond noise" if beyond else "not distinguishable") if item.measured else
                 "not measured (1 seed)",
                 "detectable (80 %)": "–", "_p": min(1.0, 2 * p) if item.measured else float("nan")}
@@ -731,7 +749,7 @@ def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
         return {"claim": name, "estimate": (f"r = {item.r:+.2f}" + (f" (noise: {item.null_mean:+.2f})"
                                                                      if abs(item.null_mean) > 0.005 else ""))
                 if item.drawn else "–",
-                "95 % interval or test": (f"permutation, p = {item.p:.3f}" if item.drawn else
+                "95 % interval or test": (f"permutation, {fmt_p(item.p)}" if item.drawn else
                                           f"not drawn: {item.reason or 'too few seeds'}"),
                 "verdict": ("distinguishable" if item.distinguishable else "not distinguishable") if item.drawn
                 else "not measured",
@@ -741,7 +759,7 @@ def _table_row(name: str, item, side: str = "") -> Dict[str, object]:
                 "verdict": item["verdict"], "detectable (80 %)": "–", "_p": float(item.get("p", float("nan")))}
     if isinstance(item, dict) and "contrast" in item:  # group_contrast
         return {"claim": name, "estimate": f"{item['contrast']:+.4f}", "95 % interval or test":
-                f"permutation, p = {item['p']:.3f}",
+                f"permutation, {fmt_p(item['p'])}",
                 "verdict": "distinguishable" if item["p"] < ALPHA else "not distinguishable",
                 "detectable (80 %)": "–", "_p": item["p"]}
     raise KDLibError(f"verdict_table cannot show a {type(item).__name__}")
@@ -800,7 +818,7 @@ def verdict_classes(c: ClassEffects, name: Optional[str] = None, base: Optional[
     for count, expected, p, word, limit in ((c.gains, c.expected_gains, c.p_gains, "gain", c.upper),
                                             (c.losses, c.expected_losses, c.p_losses, "lose", c.lower)):
         parts.append(f"{count} classes {word} more than {abs(limit):.1f} points (noise alone: about "
-                     f"{expected:.0f}; p = {p:.3f})")
+                     f"{expected:.0f}; {fmt_p(p)})")
     head = f"Beyond the typical shift of {c.shift:+.2f} points, " + " and ".join(parts)
     if c.beyond_noise:
         which = " and ".join(w for w, b in (("gains", c.gains_beyond_noise), ("losses", c.losses_beyond_noise)) if b)
@@ -817,10 +835,10 @@ def verdict_correlation(c: Correlation, what: Optional[str] = None) -> str:
     if abs(c.null_mean) > 0.005:
         naive += f"; noise alone gives {c.null_mean:+.2f} on average"
     if c.distinguishable:
-        return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation "
-                f"p = {c.p:.3f}): {'positive' if c.r > c.null_mean else 'negative'} beyond chance{naive}.")
-    return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation "
-            f"p = {c.p:.3f}): not distinguishable from no association{naive}.")
+        return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation, "
+                f"{fmt_p(c.p)}): {'positive' if c.r > c.null_mean else 'negative'} beyond chance{naive}.")
+    return (f"The rank correlation between {what}, from different seeds, is {c.r:.2f} (permutation, "
+            f"{fmt_p(c.p)}): not distinguishable from no association{naive}.")
 
 
 def verdict_collapsed(flagged: pd.DataFrame, by: str = "label") -> str:

@@ -204,6 +204,31 @@ def class_world(rng, n_seeds, effect=None, shift=0.0, tails=3.0):
     return classes_frame({"vanilla": run(0.0), "kd": run(shift + (0 if effect is None else effect))})
 
 
+def discrete_world(rng, n_seeds, shift=6.5, effect=None, images=20):
+    """Class accuracies as the book measures them: a count of right answers out of ``images`` test images
+    per class (steps of 100 / images points), around a per-class truth that each seed's training moves."""
+    truth = rng.uniform(0.25, 0.9, C)
+    train = rng.normal(0, 0.06, (n_seeds, C))
+    def run(extra):
+        p = np.clip(truth + extra + train + rng.normal(0, 0.04, (n_seeds, C)), 0, 1)
+        return 100 * rng.binomial(images, p) / images
+    return classes_frame({"vanilla": run(0.0), "kd": run(shift / 100 + (0 if effect is None else effect / 100))})
+
+
+@pytest.mark.parametrize("n_seeds", [2, 4])
+def test_class_rule_is_not_fooled_by_a_shift_on_a_coarse_grid(n_seeds):
+    """Class accuracies move in steps of 5 points (20 test images): a median would centre a +6.5 shift at
+    5 or 10 and the leftover would pass for class-specific gains; the trimmed mean does not."""
+    rng = np.random.default_rng(40 + n_seeds)
+    experiments = 400
+    gains = losses = 0
+    for _ in range(experiments):
+        e = stats.class_effects(discrete_world(rng, n_seeds), "kd", "vanilla")
+        gains += e.gains_beyond_noise
+        losses += e.losses_beyond_noise
+    assert gains <= binomial_upper(experiments, 0.025) and losses <= binomial_upper(experiments, 0.025)
+
+
 @pytest.mark.parametrize("n_seeds", [2, 3, 4])
 def test_class_rule_keeps_its_rate_under_pure_noise(n_seeds):
     """Heavy tails, per-class noise levels, shared seed noise and an average shift, no class-specific
