@@ -247,10 +247,11 @@ def comparison_key(runs: pd.DataFrame, label: str, baseline: str, metric: str, b
 
 
 def difference_of_values(a: pd.Series, b: pd.Series, label: str = "a", baseline: str = "b",
-                         metric: str = "value", key: str = "") -> Difference:
-    """``a - b`` for two Series indexed by seed: paired over the common seeds, else Welch's t."""
+                         metric: str = "value", key: str = "", paired: bool = True) -> Difference:
+    """``a - b`` for two Series indexed by seed: paired over the common seeds (``paired=False``: never),
+    else Welch's t, or for one value against several the prediction interval of one new run."""
     a, b = a.dropna(), b.dropna()
-    common = sorted(set(a.index) & set(b.index))
+    common = sorted(set(a.index) & set(b.index)) if paired else []
     if common:
         d = (a.loc[common] - b.loc[common]).to_numpy(float)
         n = len(d)
