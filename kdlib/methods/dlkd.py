@@ -13,7 +13,7 @@ sibling R2KD code and the level mapping (2 / 4 / 6, 20 % quantiles) the sibling 
 them) at ``pruning_ratio``, makes it permanent, and scores every (un-augmented) training image once
 (:func:`difficulty_scores`, in float32 whatever the run's autocast: the temperatures rank these scores,
 so they must not be ranked by bf16 rounding); the difficulties and temperatures are buffers indexed by
-dataset index (``batch.indices``). Mapping, with hard -> high T for ``direction="hard_high"``
+dataset index (``ctx.indices``). Mapping, with hard -> high T for ``direction="hard_high"``
 (``"inverse"`` swaps):
 
 * ``mode="levels"``: :math:`d < Q(q)` (easy) -> T_low = 2, :math:`d > Q(1-q)` (hard) -> T_high = 6, else
@@ -135,7 +135,7 @@ class DLKD(Method):
                               self.tau_d)
         temps, facts = difficulty_to_temperature(d, self.mode, self.quantile, direction=self.direction,
                                                  **self.temps)
-        if self.difficulty.shape == d.shape:  # in place when sized already: a captured step keeps its buffers
+        if self.difficulty.shape == d.shape:  # in place when sized already (a captured graph keeps reading it)
             self.difficulty.copy_(d)
             self.temperature.copy_(temps)
         else:
@@ -143,13 +143,13 @@ class DLKD(Method):
         return {"difficulty_mean": float(d.mean()), "difficulty_max": float(d.max()),
                 "temperature_mean": float(temps.mean()), **facts}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
-        if batch.indices is None:
+    def forward(self, student_logits, teacher_logits, targets, ctx):
+        if ctx.indices is None:
             raise KDLibError("dlkd needs the dataset indices of each batch (StepContext.indices)")
         if self.temperature.numel() == 0:
             raise KDLibError("dlkd: setup() has not run (no per-sample temperatures)")
         z = as_float(student_logits)
-        temps = self.temperature.to(z.device)[batch.indices.to(z.device)]
+        temps = self.temperature.to(z.device)[ctx.indices.to(z.device)]
         return {"loss_ce": self.ce_weight * F.cross_entropy(z, targets),
                 "loss_kd": self.kd_weight * kd_loss_per_sample_temperature(z, teacher_logits, temps)}
 
