@@ -33,15 +33,13 @@ def book_command(args: argparse.Namespace) -> str:
     """The ``python -m kdlib book`` command line of ``args``: running it again resumes the book."""
     import shlex
 
-    from kdlib.sweep.grid import SLURM_FLAGS
+    from kdlib.sweep.grid import SLURM_FLAGS, flag_words
 
     words = ["python", "-m", "kdlib", "book", "--profile", args.profile]
     words += [w for name, value in args.parameter for w in ("-p", name, value)]
-    for flag, value in (("--data-root", args.data_root), ("--executor", args.executor), ("--workers", args.workers),
-                        ("--threads", args.threads), ("--jobs", args.jobs)):
-        words += [flag, str(value)] if value is not None else []
-    words += [w for name, flag in SLURM_FLAGS.items() if getattr(args, f"slurm_{name}", None) is not None
-              for w in (flag, str(getattr(args, f"slurm_{name}")))]
+    words += flag_words((("--data-root", args.data_root), ("--executor", args.executor), ("--workers", args.workers),
+                         ("--threads", args.threads), ("--jobs", args.jobs)))
+    words += flag_words((flag, getattr(args, f"slurm_{name}", None)) for name, flag in SLURM_FLAGS.items())
     return shlex.join(words)
 
 
@@ -60,7 +58,7 @@ class BookRuns:
             runs.slurm.executor(self.options, self.home / "jobs")
         self.threads = runs.run_threads(args.threads, self.options.cpus if args.executor == "slurm" else _cores(),
                                         self.workers)
-        self.seen, self.failed, self.offsets, self.queue, self.thread = set(), {}, {}, [], None
+        self.seen, self.failed, self.queue, self.thread = set(), {}, [], None
 
     def asked(self, missing: bool = False) -> Dict[str, list]:
         """Per chapter, the runs it asked for (only those it lacked then: ``missing``), each once."""

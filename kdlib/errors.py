@@ -12,3 +12,11 @@ class KDLibError(ValueError):
 
 def unknown_name(kind: str, name: str, valid) -> KDLibError:
     return KDLibError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+
+
+def check_keys(given, valid, kind: str, where: str = "", shown=None) -> None:
+    """Refuse the keys of ``given`` that are not in ``valid``, listing the valid ones (``shown``: as a user writes them)."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise KDLibError(f"{where}unknown {kind} {', '.join(map(repr, unknown))}; valid {kind}s: "
+                         f"{', '.join(shown or valid)}")

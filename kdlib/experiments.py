@@ -80,8 +80,10 @@ import pandas as pd
 from torch import Tensor, nn
 
 from kdlib import config as kconfig
+from kdlib import runs
 from kdlib.errors import KDLibError
 from kdlib.records import RunTables, load_runs
+from kdlib.runs import run_workers  # how many runs run_all trains at once
 
 __all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "precision", "dataset", "teacher_model",
            "teacher_run", "teacher_records", "student_model", "logits", "setup_predict", "method_artifacts", "method_history",
@@ -159,11 +161,9 @@ class Setting:
 
     def config(self, method: str, seed: int, **method_params: Any) -> kconfig.RunConfig:
         """The validated :class:`RunConfig` of one run, with its deterministic output directory."""
-        from kdlib.runs import run_directory
-
         cfg = self.base_config(method).replace(seed=int(seed), method_params=self.method_params(method, **method_params))
         cfg.validate()
-        return cfg.replace(out=str(run_directory(cfg)))
+        return cfg.replace(out=str(runs.run_directory(cfg)))
 
     def with_seeds(self, seeds) -> "Setting":
         return dataclasses.replace(self, seeds=_seeds(seeds))
@@ -197,8 +197,6 @@ def run(setting: Setting, method: str, seed: int, verbose: bool = False, **metho
     per-epoch lines. Two processes asking for the same run do not both train it: one waits on the run's
     lock and then reuses it.
     """
-    from kdlib import runs
-
     cfg = setting.config(method, seed, **method_params)
     runs.ensure(runs.plan([cfg]), verbose=verbose)
     return Path(cfg.out)
@@ -214,13 +212,6 @@ def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
     return method, dict(params or {})
 
 
-def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
-    """How many runs :func:`run_all` trains at once (:func:`kdlib.runs.run_workers`)."""
-    from kdlib.runs import run_workers as workers
-
-    return workers(configs)
-
-
 def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterable[int]] = None,
             verbose: bool = False) -> RunTables:
     """Run (or reuse) every ``label: (method, params)`` for every seed; the records with a ``label`` column.
@@ -231,8 +222,6 @@ def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterabl
     ``verbose=True`` trains them one by one in this process and shows the engine's per-epoch lines.
     Reused runs print nothing; training shows a tqdm bar on a terminal.
     """
-    from kdlib import runs
-
     seeds = setting.seeds if seeds is None else _seeds(seeds)
     dirs: Dict[str, list] = {}
     configs = []

@@ -220,10 +220,6 @@ def worker_pool(workers: int):
     return _POOL[key]
 
 
-def _in_worker(run: Run, threads: int, raise_errors: bool) -> Dict[str, Any]:
-    return execute_run(run, threads=threads, wait=True, raise_errors=raise_errors)
-
-
 def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: bool = True) -> List[Outcome]:
     """Teachers here with every thread, then the other runs ``workers`` at a time with ``cores // workers``
     threads each. With ``raise_errors`` the first error is raised once the runs not started yet are dropped
@@ -232,7 +228,8 @@ def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: boo
 
     outcomes = run_inline([r for r in runs if r.role == "teacher"], bar, wait=True, raise_errors=raise_errors)
     threads, pool = max(1, cores() // workers), worker_pool(workers)
-    futures = {pool.submit(_in_worker, run, threads, raise_errors): run for run in runs if run.role != "teacher"}
+    futures = {pool.submit(execute_run, run, threads=threads, wait=True, raise_errors=raise_errors): run
+               for run in runs if run.role != "teacher"}
     try:
         for future in as_completed(futures):
             outcomes.append(Outcome(futures[future], future.result()["status"], future.result()["error"]))

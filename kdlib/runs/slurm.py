@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
-from kdlib.errors import KDLibError
+from kdlib.errors import KDLibError, check_keys
 from kdlib.runs.executors import Outcome, Progress, RunJob, job_outcome, last_line, write_error
 from kdlib.runs.plan import Run
 
@@ -55,10 +55,7 @@ class SlurmOptions:
         if "time" in data:
             data["time_min"] = parse_time_minutes(data.pop("time"))
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise KDLibError(f"{where}unknown slurm key {', '.join(map(repr, unknown))}; valid: "
-                             f"{', '.join(n if n != 'time_min' else 'time' for n in names)}")
+        check_keys(data, names, "slurm key", where, [n if n != "time_min" else "time" for n in names])
         opts = cls(**{k: v for k, v in data.items() if v is not None})
         if isinstance(opts.gpus, bool) or not isinstance(opts.gpus, int) or opts.gpus < 0:
             raise KDLibError(f"{where}slurm gpus must be an integer >= 0, got {opts.gpus!r}")

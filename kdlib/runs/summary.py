@@ -36,6 +36,8 @@ def summarize(out_dir: os.PathLike | str, plan_file: str = "sweep.json") -> pd.D
         for found in sorted([*(out / RUNS_DIR).rglob("metrics.json"), *(out / RUNS_DIR).rglob(ERROR)]):
             runs.setdefault(found.parent, None)
     frame = pd.DataFrame([_row(out, path, run) for path, run in runs.items()], columns=SUMMARY_COLUMNS)
+    numbers = ["best_test_acc", "last_test_acc", "wall_seconds", "seed", "best_epoch", "epochs", "epochs_done"]
+    frame[numbers] = frame[numbers].apply(pd.to_numeric, errors="coerce")  # an unreadable value is no number
     return frame.astype({"seed": "Int64", "best_epoch": "Int64", "epochs": "Int64", "epochs_done": "Int64"})
 
 
@@ -72,19 +74,7 @@ def _row(out: Path, path: Path, run: Optional[Run]) -> Dict[str, Any]:
         status = "incomplete" if error_file.get("status") == "incomplete" else "failed"
         error = str(error_file.get("error", ""))
     row.update(status=status, error=str(error))
-    for key in ("best_test_acc", "last_test_acc", "wall_seconds"):
-        row[key] = _number(row.get(key))
-    for key in ("best_epoch", "epochs_done"):
-        row[key] = None if _number(row.get(key)) is None else int(row[key])
     return row
-
-
-def _number(value: Any) -> Optional[float]:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
 
 
 def write_summary(out_dir: os.PathLike | str) -> pd.DataFrame:

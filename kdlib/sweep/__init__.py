@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from kdlib.runs import ERROR, EXECUTORS, RunJob, SlurmOptions, execute_run, parse_time_minutes
 from kdlib.runs.summary import SUMMARY, aggregate, per_class_table, read_summary, summarize, write_summary
-from kdlib.sweep.command import add_arguments, run, spec_from_args
+from kdlib.sweep.command import PLAN, SweepResult, add_arguments, plan, run, run_sweep, spec_from_args
 from kdlib.sweep.grid import COMMUNITY_LAYOUT, GridSpec, grid_names, load_grid
-from kdlib.sweep.runner import PLAN, SweepResult, plan, run_sweep
 
 __all__ = ["GridSpec", "SlurmOptions", "SweepResult", "RunJob", "load_grid", "grid_names", "plan", "run_sweep",
            "execute_run", "summarize", "write_summary", "read_summary", "aggregate", "per_class_table",

@@ -1,17 +1,94 @@
-"""``python -m kdlib sweep``: the command line (flags, --config, --dry-run, --summarize-only), and the
-execution flags ``kdlib book --executor`` shares."""
+"""``python -m kdlib sweep``: the command line (flags, --config, --dry-run, --summarize-only), the
+execution flags ``kdlib book --executor`` shares, and the sweep itself (:func:`run_sweep`: plan the grid,
+skip what is finished, run the rest, write the summaries)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List
 
+from kdlib import runs
 from kdlib.errors import KDLibError
-from kdlib.runs import EXECUTORS, plan, print_plan
-from kdlib.runs.summary import SUMMARY, print_tables, write_summary
+from kdlib.runs import EXECUTORS, Run, execute, print_plan, write_plan
+from kdlib.runs import slurm as runs_slurm
+from kdlib.runs import summary as runs_summary
+from kdlib.runs.summary import SUMMARY, aggregate, write_summary
 from kdlib.sweep.grid import SLURM_FLAGS, GridSpec, grid_names, load_grid, parse_overrides
-from kdlib.sweep.runner import run_sweep
+
+if TYPE_CHECKING:  # pandas is imported where tables are made
+    import pandas as pd
+
+PLAN, JOBS_DIR = "sweep.json", "submitit"
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did: counts of the grid's runs, and the summary and aggregate tables."""
+
+    out: Path
+    planned: int
+    skipped: int  # finished before this sweep started: no job
+    submitted: int
+    locked: int  # trained by another process right now: no job
+    summary: pd.DataFrame
+    aggregate: pd.DataFrame
+    job_ids: List[str] = field(default_factory=list)
+    teachers: int = 0  # teacher runs trained (or submitted) before the grid's runs
+
+    @property
+    def failed(self) -> int:
+        return int((self.summary["status"] == "failed").sum()) if len(self.summary) else 0
+
+    @property
+    def ok(self) -> bool:
+        """Every run of the grid has finished."""
+        return bool(len(self.summary)) and bool((self.summary["status"] == "finished").all())
+
+
+def plan(spec: GridSpec) -> List[Run]:
+    """The grid's runs in the folder ``spec.root()``, teachers to train first; validated, nothing written."""
+    return runs.plan(spec.configs(), root=spec.root())
+
+
+def run_sweep(spec: GridSpec, *, progress: bool = True, verbose: bool = False, wait: bool = True,
+              print_tables: bool = False) -> SweepResult:
+    """Plan, skip what is finished, run the rest with ``spec.executor``, write the summaries.
+
+    ``verbose`` prints the engine's per-epoch lines (inline executor; jobs write them to their logs).
+    ``wait=False`` (Slurm only) returns once the arrays are submitted; summarise later.
+    """
+    spec = spec.normalised()
+    out = spec.root()
+    planned_runs = plan(spec)  # every check before anything is written or submitted
+    if spec.executor == "slurm":  # the options checked against the cluster before anything is written
+        runs_slurm.executor(spec.slurm, out / JOBS_DIR)
+    if not wait and spec.executor != "slurm":
+        raise KDLibError("--no-wait applies to --executor slurm only")
+    write_plan(out / PLAN, planned_runs, {"command": spec.command(), "spec": spec.to_dict()})
+    grid = [r for r in planned_runs if r.role == "run"]
+    todo = [r for r in planned_runs if not r.finished()]
+    try:
+        outcomes, job_ids = execute(todo, spec.executor, folder=out / JOBS_DIR, workers=spec.workers,
+                                    threads=spec.run_threads(), device=spec.device, slurm=spec.slurm,
+                                    progress=progress, wait=wait, verbose=verbose,
+                                    resume=spec.command(), desc="sweep")
+    finally:
+        summary = write_summary(out)
+    planned = {r.run_dir.relative_to(out).as_posix() for r in grid}
+    locked = [o for o in outcomes if o.status == "locked" and o.run.role == "run"]
+    if print_tables:
+        runs_summary.print_tables(summary, planned)
+        for o in locked:
+            print(f"skipped (being trained elsewhere: {o.error or 'lock released since'}): {o.run.label}")
+        if job_ids and not wait:
+            print(f"submitted Slurm job(s) {', '.join(job_ids)}; when they are done: "
+                  f"python -m kdlib sweep --summarize-only --out {out}")
+    mine = summary[summary["run_dir"].isin(planned)].reset_index(drop=True)
+    students = [r for r in todo if r.role == "run"]
+    return SweepResult(out, len(grid), len(grid) - len(students), len(students) - len(locked), len(locked), mine,
+                       aggregate(summary), job_ids, len(todo) - len(students))
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False) -> None:
@@ -21,8 +98,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False)
                    help=("train every chapter's runs first, then execute the chapters: " if book else "")
                    + "local: subprocesses via submitit" + (" (default)" if not book else "") + "; slurm: array jobs, "
                    "the teachers' first; pool: worker processes" + ("" if book else "; inline: in this process"))
-    x.add_argument("--workers", type=_int_arg, help="local and pool: runs at once (default 1)")
-    x.add_argument("--threads", type=_int_arg,
+    x.add_argument("--workers", type=int, help="local and pool: runs at once (default 1)")
+    x.add_argument("--threads", type=int,
                    help="torch threads of every run, under every executor (default: --slurm-cpus, at most this "
                         "machine's cores / --workers; CPU numbers depend on it)")
     if not book:
@@ -33,7 +110,7 @@ def add_execution_arguments(parser: argparse.ArgumentParser, book: bool = False)
                          "requeued)", "mem_gb": "memory per task, GB", "array_parallelism": "tasks at once (default 16)",
              "runs_per_task": "runs one after the other in each array task (default 1)"}
     for name, flag in SLURM_FLAGS.items():
-        kind = {"gpus": _int_arg, "cpus": _int_arg, "array_parallelism": _int_arg, "runs_per_task": _int_arg,
+        kind = {"gpus": int, "cpus": int, "array_parallelism": int, "runs_per_task": int,
                 "mem_gb": float}.get(name, str)
         x.add_argument(flag, dest=f"slurm_{name}", type=kind, help=helps.get(name))
 
@@ -48,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", help="smoke, course or paper (default smoke)")
     g.add_argument("--dataset", help="synthetic or cifar100 (default: the profile's)")
     g.add_argument("--data-root", dest="data_root", help="folder holding cifar-100-python")
-    g.add_argument("--epochs", type=_int_arg, help="epochs of every run (default: the profile's)")
+    g.add_argument("--epochs", type=int, help="epochs of every run (default: the profile's)")
     g.add_argument("--set", dest="overrides", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="recipe field or method hyperparameter for every run that has it (lr=0.1 beta=2 "
                         "train_per_class=50); dkd.beta=2 names the method; repeatable")
@@ -67,13 +144,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "(with --verbose: every run's resolved recipe)")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     o.add_argument("--verbose", action="store_true", help="inline: the engine's per-epoch lines")
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 _SPEC_FLAGS = ("methods", "pairs", "seeds", "profile", "dataset", "data_root", "epochs", "out", "teachers_dir",
@@ -108,13 +178,13 @@ def spec_from_args(args: argparse.Namespace) -> GridSpec:
 def run(args: argparse.Namespace) -> int:
     if args.summarize_only:
         out = Path(args.out).expanduser() if args.out else GridSpec().root()
-        print_tables(write_summary(out))
+        runs_summary.print_tables(write_summary(out))
         return 0
     spec = spec_from_args(args)
     if args.dry_run:
-        runs = plan(spec.configs(), root=spec.root())
-        print_plan(runs, verbose=args.verbose)
-        print(f"\n{len(runs)} runs planned in {spec.root()} (dry run: nothing started)")
+        planned = plan(spec)
+        print_plan(planned, verbose=args.verbose)
+        print(f"\n{len(planned)} runs planned in {spec.root()} (dry run: nothing started)")
         return 0
     result = run_sweep(spec, progress=args.progress, verbose=args.verbose, wait=args.wait, print_tables=True)
     if not args.wait:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from kdlib import config as kconfig
-from kdlib.errors import KDLibError, unknown_name
+from kdlib.errors import KDLibError, check_keys, unknown_name
 from kdlib.runs.executors import EXECUTORS, run_threads
 from kdlib.runs.slurm import SlurmOptions
 
@@ -68,10 +68,7 @@ class GridSpec:
         if "set" in data:
             data["overrides"] = data.pop("set")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise KDLibError(f"{_at(source)}unknown key {', '.join(map(repr, unknown))}; valid keys: "
-                             f"{', '.join(n if n != 'overrides' else 'set' for n in names)}")
+        check_keys(data, names, "key", _at(source), [n if n != "overrides" else "set" for n in names])
         spec = cls(**{k: v for k, v in data.items() if v is not None and k != "slurm"})
         spec.slurm = SlurmOptions.from_mapping(data.get("slurm"), _at(source))
         return spec.normalised(source)
@@ -79,11 +76,11 @@ class GridSpec:
     def normalised(self, source: str = "") -> "GridSpec":
         """Check and canonicalise every field (names are checked against the registries in :meth:`configs`)."""
         s, at = copy.deepcopy(self), _at(source)
-        s.methods = _dedupe(_expand_methods(_as_list(s.methods, "methods", source)))
+        s.methods = _dedupe(_methods(_as_list(s.methods, "methods", source)))
         if not s.methods:
             raise KDLibError(f"{at}no methods given (--methods kd,dkd,...)")
         s.pairs = _dedupe([_parse_pair(p, source) for p in _as_list(s.pairs, "pairs", source)])
-        s.seeds = _dedupe([_whole(x, "a seed", source, 0) for x in _seed_ranges(_as_list(s.seeds, "seeds", source))])
+        s.seeds = _dedupe(_seeds(_as_list(s.seeds, "seeds", source), source))
         if not s.seeds:
             raise KDLibError(f"{at}no seeds given (--seeds 0,1,2)")
         s.overrides = parse_overrides(s.overrides, source)
@@ -163,17 +160,15 @@ class GridSpec:
                 "--seeds", ",".join(map(str, s.seeds)), "--profile", s.profile]
         if s.pairs:
             args += ["--pairs", ",".join(f"{t}:{u}" for t, u in s.pairs)]
-        for flag, value in (("--dataset", s.dataset), ("--data-root", s.data_root), ("--epochs", s.epochs),
+        args += flag_words((("--dataset", s.dataset), ("--data-root", s.data_root), ("--epochs", s.epochs),
                             ("--teachers-dir", s.teachers_dir), ("--teacher-checkpoint-dir", s.teacher_checkpoint_dir),
-                            ("--device", s.device), ("--threads", s.threads)):
-            args += [flag, str(value)] if value is not None else []
-        for arch, path in sorted(s.teacher_checkpoints.items()):
-            args += ["--teacher-checkpoint", f"{arch}={path}"]
+                            ("--device", s.device), ("--threads", s.threads)))
+        args += flag_words(("--teacher-checkpoint", f"{arch}={path}") for arch, path in sorted(s.teacher_checkpoints.items()))
         args += ["--set", *s.overrides] if s.overrides else []
         args += ["--executor", s.executor] + (["--workers", str(s.workers)] if s.workers != 1 else [])
         if s.executor == "slurm":
-            args += [w for f in dataclasses.fields(SlurmOptions) if getattr(s.slurm, f.name) != getattr(d, f.name)
-                     for w in (SLURM_FLAGS[f.name], str(getattr(s.slurm, f.name)))]
+            args += flag_words((SLURM_FLAGS[f.name], getattr(s.slurm, f.name)) for f in dataclasses.fields(SlurmOptions)
+                               if getattr(s.slurm, f.name) != getattr(d, f.name))
         return shlex.join(args + (["--out", str(s.out)] if s.out else []))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -189,6 +184,11 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpus": "--slurm-gpus", "cpus":
                "runs_per_task": "--slurm-runs-per-task"}
 
 
+def flag_words(pairs) -> List[str]:
+    """``[flag, value, ...]`` of the ``(flag, value)`` pairs whose value is set: a command line's options."""
+    return [word for flag, value in pairs if value is not None for word in (flag, str(value))]
+
+
 def _at(source: str) -> str:
     """Error prefix naming the grid file a bad value came from (nothing for the command line)."""
     return f"{source}: " if source else ""
@@ -199,7 +199,8 @@ def scope_overrides(overrides: List[str], method_names: List[str]) -> Dict[str, 
 
     A recipe field (``lr=0.1``) goes to every run. A method hyperparameter goes to the runs of the
     methods that have it (``beta=2`` to DKD, not to KD); ``dkd.beta=2`` names the method explicitly.
-    A key no method of the grid knows is an error, as is a grid dimension (``--set seed=1``).
+    A key no method of the grid knows is an error, as is a grid dimension (``--set seed=1``). What a
+    key means for one run is :func:`kdlib.config.apply_overrides`' business; this only picks the runs.
     """
     from kdlib import methods
 
@@ -208,27 +209,21 @@ def scope_overrides(overrides: List[str], method_names: List[str]) -> Dict[str, 
     scoped: Dict[str, List[str]] = {m: [] for m in method_names}
     for item in overrides:
         key, _, value = item.partition("=")
-        key = key.strip()
-        target, _, name = key.partition(".") if "." in key else (None, "", key)
-        explicit_hp = target == "method_params"
-        target = None if explicit_hp else target
-        if target is not None and target not in hparams:
+        target, _, name = key.strip().rpartition(".")
+        if target not in ("", "method_params", *method_names):
             raise KDLibError(f"--set {item!r}: {target!r} is not a method of this grid ({', '.join(method_names)})")
         if name in GRID_KEYS:
             raise KDLibError(f"--set {name}=... is a grid dimension: use --methods, --pairs, --seeds, "
                              f"--profile, --out or --teacher-checkpoint")
-        owners = [m for m in method_names if target in (None, m) and name in hparams[m]]
-        if name in fields and not explicit_hp:
-            for m in ([target] if target else method_names):
-                scoped[m].append(f"{name}={value}")
-        elif owners:
-            for m in owners:
-                scoped[m].append(f"method_params.{name}={value}")
-        else:
-            where = f"method {target!r}" if target else "any method of this grid"
+        is_field = name in fields and target != "method_params"
+        owners = [m for m in method_names if target in ("", "method_params", m) and (is_field or name in hparams[m])]
+        if not owners:
+            where = f"method {target!r}" if target in method_names else "any method of this grid"
             valid = sorted(set(fields) - set(GRID_KEYS)) + sorted({h for hs in hparams.values() for h in hs})
-            raise KDLibError(f"unknown --set key {key!r} (not a recipe field, nor a hyperparameter of {where}); "
-                             f"valid keys: {', '.join(valid)}")
+            raise KDLibError(f"unknown --set key {key.strip()!r} (not a recipe field, nor a hyperparameter of "
+                             f"{where}); valid keys: {', '.join(valid)}")
+        for m in owners:
+            scoped[m].append(f"{name}={value}" if is_field else f"method_params.{name}={value}")
     return scoped
 
 
@@ -242,13 +237,12 @@ def _as_list(value: Any, name: str, source: str) -> List[Any]:
     raise KDLibError(f"{_at(source)}{name} must be a list or a comma-separated string, got {value!r}")
 
 
-def _expand_methods(names: List[Any]) -> List[str]:
-    """``all`` stands for every registered distillation method (vanilla not included)."""
+def _methods(names: List[Any]) -> List[str]:
+    """Method names; ``all`` stands for every registered distillation method (vanilla not included)."""
     from kdlib import methods
 
-    if not all(isinstance(n, str) for n in names):
-        raise KDLibError(f"a method must be a name, got {next(n for n in names if not isinstance(n, str))!r}")
-    return [m for n in names for m in ([m for m in methods.names() if m != "vanilla"] if n == "all" else [n])]
+    distillation = [m for m in methods.names() if m != "vanilla"]
+    return [m for n in names for m in (distillation if n == "all" else [str(n)])]
 
 
 def _parse_pair(value: Any, source: str) -> Tuple[str, str]:
@@ -262,10 +256,13 @@ def _parse_pair(value: Any, source: str) -> Tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _seed_ranges(items: List[Any]) -> List[Any]:
-    matches = [(item, re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", item) if isinstance(item, str) else None)
-               for item in items]
-    return [x for item, m in matches for x in (range(int(m.group(1)), int(m.group(2)) + 1) if m else [item])]
+def _seeds(items: List[Any], source: str) -> List[int]:
+    """Seeds and ranges of seeds: ``0,1,2`` or ``0-4``."""
+    found: List[int] = []
+    for item in items:
+        span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", item) if isinstance(item, str) else None
+        found += range(int(span[1]), int(span[2]) + 1) if span else [_whole(item, "a seed (--seeds 0,1,2 or 0-4)", source, 0)]
+    return found
 
 
 def _whole(value: Any, name: str, source: str, minimum: int = 1) -> int:
@@ -274,8 +271,7 @@ def _whole(value: Any, name: str, source: str, minimum: int = 1) -> int:
     except (TypeError, ValueError):
         number = None
     if number is None or number < minimum:
-        hint = " (--seeds 0,1,2 or 0-4)" if name == "a seed" else ""
-        raise KDLibError(f"{_at(source)}{name} must be an integer >= {minimum}{hint}, got {value!r}")
+        raise KDLibError(f"{_at(source)}{name} must be an integer >= {minimum}, got {value!r}")
     return number
 
 
