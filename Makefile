@@ -23,8 +23,8 @@ setup: $(STAMP)
 # environment on the 2-core machine, both from cold caches; pip stays the fallback when uv cannot be had.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	{ $(PY) -m pip install -q uv && $(VENV)/bin/uv pip install --python $(PY) -q -c constraints.txt -e '.[book,test]'; } \
-	  || $(PY) -m pip install -q -e '.[book,test]'
+	{ $(PY) -m pip install -q uv && $(VENV)/bin/uv pip install --python $(PY) -q -c constraints.txt -e '.[book,test,lab,course]'; } \
+	  || $(PY) -m pip install -q -e '.[book,test,lab,course]'
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -5,6 +5,7 @@ import html
 import inspect
 import linecache
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -320,7 +321,7 @@ def _factor(pairs: Sequence[Tuple[Tensor, Tensor, Case]]) -> Optional[str]:
     return None
 
 
-def _where(ex: Exercise, mine: Tensor, expected: Tensor, case: Case) -> str:
+def _where(ex: Exercise, mine: Tensor, expected: Tensor, case: Case, what: str = "") -> str:
     """Where a tensor output differs: a group of classes (or images), and one entry."""
     scale = max(float(expected.abs().max()), 1e-6)
     bad = (mine - expected).abs() > RTOL * scale + ATOL
@@ -356,7 +357,9 @@ def _compare(ex: Exercise, fn: Callable, cases: List[Case], aspects: Tuple[str, 
         return False, problems[0][0].upper() + problems[0][1:] + "."
     # a known mistake?
     for mistake in ex.mistakes:
-        theirs = [_run(ex, mistake.fn, case) for case in cases]
+        with warnings.catch_warnings():  # a mistake's own warnings are not the student's
+            warnings.simplefilter("ignore")
+            theirs = [_run(ex, mistake.fn, case) for case in cases]
         if all(t.problem is None for t in theirs) and all(
                 _close(o.value, t.value) and (ex.wrt is None or _close(o.grad, t.grad)) for o, t in zip(outs, theirs)):
             return False, _sentence(ex, mistake.sentence)
@@ -371,7 +374,11 @@ def _compare(ex: Exercise, fn: Callable, cases: List[Case], aspects: Tuple[str, 
         hint = ex.factor_hints.get(name, "")
         return False, _sentence(ex, f"{noun} is {_FACTOR_WORDS[name]}" + (f": {hint}" if hint else ""))
     if values_ok:
-        return False, _sentence(ex, problems[0] if problems else ex.values_right_gradient_wrong)
+        if problems:
+            return False, _sentence(ex, problems[0])
+        first = next(i for i, (o, r) in enumerate(zip(outs, refs)) if not _close(o.grad, r.grad))
+        where = _where(ex, outs[first].grad, refs[first].grad, cases[first], "the gradient")
+        return False, _sentence(ex, f"{ex.values_right_gradient_wrong}. The gradient is wrong{where}")
     if ex.wrt is not None and not problems and all(_close(o.grad, r.grad) for o, r in zip(outs, refs)):
         shift = [float(o.value.mean() - r.value.mean()) for o, r in zip(outs, refs)]
         return False, _sentence(ex, ex.gradient_right_values_wrong or
@@ -391,7 +398,8 @@ def _compare(ex: Exercise, fn: Callable, cases: List[Case], aspects: Tuple[str, 
     if r.value.dim() == 0:
         return False, _sentence(ex, f"{noun} differs from kdlib's: with {c.describe()} yours is "
                                     f"{float(o.value):.6g}, expected {float(r.value):.6g}.{when}")
-    return False, _sentence(ex, f"{noun} differs from kdlib's{_where(ex, o.value, r.value, c)}.{when}")
+    verb = "differ" if ex.what.endswith("s") else "differs"
+    return False, _sentence(ex, f"{noun} {verb} from kdlib's{_where(ex, o.value, r.value, c)}.{when}")
 
 
 def _shape_sentence(ex: Exercise, mine: Tensor, expected: Tensor, case: Case) -> str:
