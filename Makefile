@@ -15,7 +15,7 @@ export KDLIB_HOME ?= $(CURDIR)/_build/kdlib
 export MPLCONFIGDIR := $(CURDIR)/_build/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test book pdf chapter student-copies bench clean lock
+.PHONY: setup test book pdf chapter student-copies course lab bench clean lock
 
 setup: $(STAMP)
 
@@ -42,8 +42,21 @@ pdf: $(STAMP)
 chapter: $(STAMP)
 	$(PY) -m kdlib book --profile $(PROFILE) --only $(CHAPTER) $(PARAMS)
 
+# The chapters without outputs and solutions (exercise stubs instead), readable in JupyterLab: clean/*.ipynb
 student-copies: $(STAMP)
-	$(PY) -m kdlib book --student-copies clean
+	$(PY) -m kdlib course --student-copies clean
+
+# The instructor's assignment set from the chapters' code exercises (nbgrader course folder _build/course):
+# release/ for students, source/ with solutions and hidden tests, gradebook.db. Grading: see README.
+course: $(STAMP)
+	$(PY) -m kdlib course --out _build/course
+
+# JupyterLab on the chapters as notebooks that read as the book reads (values filled in, MyST rendered):
+# _build/lab/*.ipynb, from the executed chapters of the last `make book`/`make chapter` when there are any.
+LAB_PORT ?= 8888
+lab: $(STAMP)
+	$(PY) -m kdlib course --lab _build/lab
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --port=$(LAB_PORT) _build/lab/kd.ipynb
 
 bench: $(STAMP)
 	$(PY) -m kdlib bench

@@ -554,7 +554,23 @@ def glue(key: str, value: Any, display: bool = False) -> None:
 
     if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
         value = value.item()
+    GLUED[key] = value
     _glue(key, value, display=display)
+
+
+#: every value this kernel glued, by name: what a notebook's inline ``{eval}`` shows (see :func:`glued`)
+GLUED: Dict[str, Any] = {}
+
+
+def glued(key: str, fmt: str = "") -> Any:
+    """The value glued as ``key``, formatted as ``{glue:text}`key:fmt``` formats it (a figure as itself):
+    the chapters opened in JupyterLab show it with an inline ``{eval}`` (``make lab``)."""
+    if key not in GLUED:
+        return f"[{key}: run the cells above]"
+    value = GLUED[key]
+    if fmt and isinstance(value, (int, float)):
+        return format(value, fmt)
+    return value
 
 
 def pm(mean: float, std: float, digits: int = 2) -> str:

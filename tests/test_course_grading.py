@@ -1,0 +1,134 @@
+"""The instructor's path, end to end: `make course` builds the nbgrader course from the chapters, and
+nbgrader's own autograde step grades three submissions per assignment.
+
+* the instructor's solutions: full marks;
+* the untouched release: zero, without a crash (every cell runs; the checks print, the tests fail);
+* a submission with one planted mistake: partial marks, and the check's sentence in nbgrader's feedback.
+
+The assignments are light (random logits, no training), so the whole grading takes seconds per notebook.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdlib import course, exercises
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: one planted mistake per assignment: (text of the instructor's solution, its wrong version, sentence)
+PLANTED_ALL = {
+    "kd": ("return temperature**2 * kl.mean()", "return kl.mean()", "Your loss is T² times too small"),
+    "dkd": ("log_p_t = F.log_softmax(teacher_logits / temperature - big, dim=1)",
+            "log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)", "not renormalise"),
+    "cwkd": ("weights = weights / weights.mean()", "weights = weights", "not divided by their batch mean"),
+    "clkd": ("F.normalize(student_logits, dim=0)", "F.normalize(student_logits, dim=1)", "L_cla takes each class"),
+    "rekd": ("return temperature**2 * kl.mean()", "return temperature * kl.mean()", "T times too small"),
+    "aekt": ("ratio = ratio.detach()", "ratio = ratio", "Your weight r carries a gradient"),
+    "dlkd": ("torch.quantile(difficulty, 0.8)", "torch.quantile(difficulty, 0.2)", "the hardest images"),
+    "logit_family": ("logits.std(dim=1, keepdim=True)", "logits.std(dim=1, keepdim=True, correction=0)",
+                     "population standard deviation"),
+}
+PLANTED = {k: v for k, v in PLANTED_ALL.items() if k in course.chapters_with_exercises(ROOT)}  # TEMP pilot
+
+
+STUDENTS = ("instructor", "untouched", "planted")
+
+
+def grade_chapters(folder: Path, chapters: list) -> dict:
+    """Build the assignments of ``chapters`` in the course folder ``folder``, autograde the three
+    submissions of each with nbgrader and write the feedback; returns ``{chapter: {student: score, "max": m}}``.
+    Runs in a process of its own (see the fixture)."""
+    import nbformat
+    from nbgrader.api import Gradebook
+
+    released = course.build_course(ROOT, folder, chapters)
+    api = course.nbgrader_api(folder)
+    for chapter, release in released.items():
+        source = folder / "source" / chapter / f"{chapter}.ipynb"
+        wrong = nbformat.read(source, as_version=4)
+        old, new, _ = PLANTED[chapter]
+        hit = [c for c in wrong.cells if c.get("metadata", {}).get("nbgrader", {}).get("solution") and old in c.source]
+        assert len(hit) == 1, f"{chapter}: the planted mistake's text must be in exactly one solution cell"
+        hit[0].source = hit[0].source.replace(old, new)
+        submissions = {"instructor": nbformat.read(source, as_version=4),
+                       "untouched": nbformat.read(release, as_version=4), "planted": wrong}
+        for student, nb in submissions.items():
+            target = folder / "submitted" / student / chapter / f"{chapter}.ipynb"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, target)
+            course._checked(api.autograde(chapter, student, force=True, create=True), f"autograde {chapter}")
+            if student != "instructor":
+                course._checked(api.generate_feedback(chapter, student, force=True), f"feedback {chapter}")
+    with Gradebook(f"sqlite:///{folder / 'gradebook.db'}") as gb:
+        return {chapter: {"max": gb.find_assignment(chapter).max_score,
+                          **{s: gb.find_submission(chapter, s).score for s in STUDENTS}} for chapter in released}
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Every assignment graded; the chapters split between two processes, each with its own course folder
+    and gradebook (a kernel per submission mostly imports torch: two cores halve the wait)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chapters = list(course.chapters_with_exercises(ROOT))
+    halves = [chapters[0::2], chapters[1::2]]
+    folders = [tmp_path_factory.mktemp(f"course{i}") for i in range(2)]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(grade_chapters, folder, half) for folder, half in zip(folders, halves) if half]
+        scores = {k: v for job in jobs for k, v in job.result().items()}
+    where = {chapter: folder for folder, half in zip(folders, halves) for chapter in half}
+    return where, scores
+
+
+def test_every_chapter_with_exercises_is_an_assignment_with_a_planted_mistake():
+    chapters = set(course.chapters_with_exercises(ROOT))
+    assert chapters == set(PLANTED), "each assignment needs a planted mistake in this test"
+    assert {e.chapter for e in exercises.EXERCISES.values()} == chapters, "an exercise is not in its chapter"
+
+
+def test_release_has_no_solutions_and_no_hidden_tests(graded):
+    where, _ = graded
+    for chapter, folder in where.items():
+        release = (folder / "release" / chapter / f"{chapter}.ipynb").read_text()
+        source = (folder / "source" / chapter / f"{chapter}.ipynb").read_text()
+        assert "BEGIN SOLUTION" not in release and "raise NotImplementedError()" in release
+        assert "exercises.grade(" not in release, f"{chapter}: a hidden test leaked into the release"
+        assert "exercises.grade(" in source and "BEGIN HIDDEN TESTS" in source
+
+
+@pytest.mark.slow
+def test_autograde_full_zero_and_partial_marks_with_the_sentence(graded):
+    where, scores = graded
+    assert set(scores) == set(PLANTED)
+    for chapter, folder in where.items():
+        got = scores[chapter]
+        assert got["max"] >= 2, chapter
+        assert got["instructor"] == got["max"], (chapter, got)
+        assert got["untouched"] == 0, (chapter, got)
+        assert 0 < got["planted"] < got["max"], (chapter, got)
+        feedback = folder / "feedback" / "planted" / chapter / f"{chapter}.html"
+        text = html.unescape(re.sub(r"<[^>]+>", "", feedback.read_text()))
+        assert PLANTED[chapter][2] in text, f"{chapter}: the check's sentence is not in the feedback"
+        untouched = folder / "feedback" / "untouched" / chapter / f"{chapter}.html"
+        assert "Not done yet" in html.unescape(re.sub(r"<[^>]+>", "", untouched.read_text()))
+        # the untouched notebook ran to the end: every check cell printed its verdict, none crashed
+        autograded = json.loads((folder / "autograded" / "untouched" / chapter / f"{chapter}.ipynb").read_text())
+        checks = [c for c in autograded["cells"]
+                  if c["metadata"].get("nbgrader", {}).get("grade_id", "").endswith("-check")]
+        assert checks and all(c["outputs"] and not any(o["output_type"] == "error" for o in c["outputs"])
+                              for c in checks)
+
+
+def test_the_course_command_refuses_an_unknown_chapter(tmp_path):
+    from kdlib.errors import KDLibError
+
+    with pytest.raises(KDLibError, match="no code exercises in chapter 'index'"):
+        course.build_course(ROOT, tmp_path, ["index"])
+    shutil.rmtree(tmp_path, ignore_errors=True)
