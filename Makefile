@@ -30,15 +30,18 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
+# KEEP="kd dkd" (or KEEP=all) keeps chapters as `make chapter` last executed them, other parameters included
+KEEP ?=
 book: $(STAMP)
-	$(PY) -m kdlib book --profile $(PROFILE)
+	$(PY) -m kdlib book --profile $(PROFILE) $(foreach c,$(KEEP),--keep $(c))
 
 # The whole book as one PDF (_build/latex/book.pdf) from the executed chapters `make book` left (those of
 # another profile or parameters are executed again). Needs TeX from Debian: the command names what is missing.
 pdf: $(STAMP)
 	$(PY) -m kdlib book --profile $(PROFILE) --pdf
 
-# Re-execute one chapter alone: make chapter CHAPTER=dkd PARAMS="-p epochs 5 -p seeds '[0,1]'"
+# Re-execute one chapter alone, then rebuild the HTML book (its page says which parameters it ran with):
+# make chapter CHAPTER=dkd PARAMS="-p epochs 5 -p seeds '[0,1]'"; the next `make book KEEP=dkd` keeps it
 chapter: $(STAMP)
 	$(PY) -m kdlib book --profile $(PROFILE) --only $(CHAPTER) $(PARAMS)
 

@@ -134,7 +134,68 @@ def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path) -> float:
     if errors:
         raise KDLibError(f"chapter {src.name} has error output: {errors[0].get('ename')}")
     hide_injected_parameters(dst)
+    label_parameters(dst, parameters, src.stem)
     return time.perf_counter() - start
+
+
+PARAMETERS_TAG = "kdlib-parameters"  # the note that says which parameters a page was executed with
+
+
+def label_parameters(path: Path, parameters: Dict, chapter: str) -> bool:
+    """Put a note under the title of an executed chapter that ran with parameters other than the
+    profile's defaults, so the page says so (and how to rebuild or keep it); True when it did."""
+    import nbformat
+
+    others = {k: v for k, v in parameters.items() if k != "profile"}
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if PARAMETERS_TAG not in c.get("metadata", {}).get("tags", [])]
+    if others:
+        shown = ", ".join(f"`{k} = {v!r}`" for k, v in others.items())
+        option = " ".join(f"-p {k} '{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}'"
+                          for k, v in others.items())
+        note = nbformat.v4.new_markdown_cell(
+            f":::{{note}} Executed with other parameters\n"
+            f"This page was executed with {shown} (profile `{parameters.get('profile', 'smoke')}`), not the "
+            f"book's defaults: `make chapter CHAPTER={chapter} PARAMS=\"{option}\"`. `make book` executes it again "
+            f"with the defaults unless told to keep it: `make book KEEP={chapter}`.\n:::",
+            metadata={"tags": [PARAMETERS_TAG]})
+        at = next((i + 1 for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+                   and c.source.lstrip().startswith("# ")), 0)
+        nb.cells.insert(at, note)
+    nbformat.write(nb, path)
+    return bool(others)
+
+
+def stage_unexecuted(root: Path, staging: Path, names: List[str]) -> List[str]:
+    """Stage the source of every chapter in ``names`` that has no executed copy yet (its page then shows
+    no outputs), so that the HTML book can be built after executing only some chapters; returns them."""
+    import nbformat
+
+    staged = []
+    for name in names:
+        src = source_of(root, name)
+        dst = staging / f"{name}.ipynb"
+        if is_notebook(src) and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(read_notebook(src), dst)
+            staged.append(name)
+    return staged
+
+
+def kept_chapters(root: Path, staging: Path, keep: List[str], names: List[str]) -> List[str]:
+    """The chapters of ``names`` that ``--keep`` asks to keep as they were executed (``all``: every one
+    whose executed copy ran with parameters other than the profile's defaults) and that have an executed copy."""
+    wanted = set(names) if "all" in keep else {n if "/" in n else f"book/{n}" for n in keep}
+    unknown = wanted - set(names)
+    if unknown:
+        raise KDLibError(f"--keep: unknown chapter {sorted(unknown)[0]!r}; chapters: "
+                         + ", ".join(Path(n).name for n in names))
+    kept = []
+    for name in names:
+        executed = executed_parameters(staging / f"{name}.ipynb")
+        if name in wanted and executed is not None and ("all" not in keep or set(executed) - {"profile"}):
+            kept.append(name)
+    return kept
 
 
 def stage(root: Path, staging: Path) -> None:
@@ -315,7 +376,8 @@ def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namesp
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="smoke", help="smoke (offline, CI), course or paper")
     parser.add_argument("--only", action="append", metavar="CHAPTER",
-                        help="execute only this chapter (e.g. dkd); repeatable; skips the HTML build")
+                        help="execute only this chapter (e.g. dkd); repeatable; then builds the HTML book from "
+                             "the chapters executed so far (--no-html: not)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a chapter parameter, as papermill's -p (VALUE is parsed as YAML)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters, do not build the HTML")
@@ -329,6 +391,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="chapters executed side by side between the first and the last (default: one "
                              "per CPU core; 1: one after the other)")
+    parser.add_argument("--keep", action="append", default=[], metavar="CHAPTER",
+                        help="keep this chapter as it was last executed (e.g. by `make chapter` with other "
+                             "parameters) instead of executing it again; repeatable; `all`: every chapter last "
+                             "executed with other parameters")
     parser.add_argument("--no-stage", action="store_true", help=argparse.SUPPRESS)  # a side-by-side chapter
 
 
@@ -369,8 +435,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_stage:
         stage(root, staging)
     total = time.perf_counter()
+    kept = kept_chapters(root, staging, args.keep, names) if args.keep else []
+    for name in kept:
+        print(f"{name}: kept as executed with {executed_parameters(staging / f'{name}.ipynb')}", flush=True)
     todo = []
-    for name in names:
+    for name in [n for n in names if n not in kept]:
         src = source_of(root, name)
         if not is_notebook(src):
             continue
@@ -389,8 +458,10 @@ def run(args: argparse.Namespace) -> int:
     for name in alone_last:
         _execute_here(root, staging, name, parameters, args.profile)
     print(f"chapters executed in {time.perf_counter() - total:.0f} s")
-    if args.only or args.no_html:
+    if args.no_html or args.no_stage:  # --no-stage: one chapter of a whole build, executed side by side
         return 0
+    if args.only:  # `make chapter`: build the pages again, this chapter's with the parameters it ran with
+        stage_unexecuted(root, staging, toc_files(root))
     if args.pdf:
         print(f"book: {build_pdf(root, staging)}")
         return 0
