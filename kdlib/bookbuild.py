@@ -217,6 +217,7 @@ def stage(root: Path, staging: Path) -> None:
 def build_html(root: Path, staging: Path, out: Optional[Path] = None, quiet: bool = False) -> Path:
     """``jupyter-book build`` of the staged (executed) chapters into ``out/_build/html``; the index page."""
     out = root if out is None else out
+    write_course_tables(root, staging)
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb), "build", str(staging), "--path-output", str(out), "--keep-going"]
     result = subprocess.run(cmd, cwd=root, capture_output=quiet, text=True)
@@ -225,6 +226,14 @@ def build_html(root: Path, staging: Path, out: Optional[Path] = None, quiet: boo
         tail = f": {result.stdout[-2000:]}{result.stderr[-2000:]}" if quiet else ""
         raise KDLibError(f"jupyter-book build failed (exit {result.returncode}){tail}")
     return index
+
+
+def write_course_tables(root: Path, staging: Path) -> None:
+    """The course page's tables (exercises, this build's chapter times), measured from the staged chapters."""
+    from kdlib import course_page
+
+    chapters = [Path(n).name for n in toc_files(root) if is_notebook(source_of(root, n))]
+    course_page.write_tables(staging, chapters)
 
 
 #: what ``make pdf`` needs besides Python: program -> the Debian package that brings it

@@ -58,7 +58,7 @@ def test_lab_copy_has_no_book_only_syntax_and_every_value_filled_in(lab_dir):
     assert "smoke profile" in label and not label.startswith("'[")
     figures = [r for e, r in filled.items() if "'fig_" in e]
     assert figures and all("image/png" in r["data"] for r in figures)
-    assert "def kd_loss(student_logits, teacher_logits, temperature)" in text  # literalinclude inlined
+    assert "def kd_loss(student_logits: Tensor, teacher_logits: Tensor" in text  # literalinclude inlined
     assert "[Benchmark" in text or "(benchmark.ipynb)" in text  # {doc} became a link to the notebook
     hidden = [c for c in nb.cells if "hide-input" in c.metadata.get("tags", [])]
     assert hidden and all(c.metadata["jupyter"]["source_hidden"] for c in hidden)
