@@ -59,7 +59,7 @@ course: $(STAMP)
 LAB_PORT ?= 8888
 lab: $(STAMP)
 	$(PY) -m kdlib course --lab _build/lab
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --port=$(LAB_PORT) _build/lab/kd.ipynb
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) _build/lab/kd.ipynb
 
 bench: $(STAMP)
 	$(PY) -m kdlib bench

@@ -42,6 +42,14 @@ STAGING = Path("_build") / "executed"
 SOLUTION_TAGS = {"solution", "remove-in-student"}
 # a MyST block `:::{dropdown} Solution ... :::` (or admonition) holds an exercise's answer
 SOLUTION_BLOCK = re.compile(r"^:::+\{(?:dropdown|admonition)\} *Solution.*?^:::+ *$", re.M | re.S)
+# a code exercise's answer (nbgrader's markers): student copies get nbgrader's stub instead
+SOLUTION_REGION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.M | re.S)
+STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+
+
+def stub_solutions(source: str) -> str:
+    """Each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region replaced with the stub, indented as it was."""
+    return SOLUTION_REGION.sub(lambda m: "\n".join(m.group(1) + line for line in STUB.splitlines()), source)
 
 
 def toc_files(root: Path) -> List[str]:
@@ -308,6 +316,7 @@ def student_copies(root: Path, out: Path) -> List[Path]:
                 cell.source = SOLUTION_BLOCK.sub("", cell.source)
             else:
                 cell.outputs, cell.execution_count = [], None
+                cell.source = stub_solutions(cell.source)
         target = out / f"{Path(name).name}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, target)

@@ -45,8 +45,7 @@ SETUP_TAG, SOLUTION_TAG, CHECK_TAG = "exercise-setup", "exercise", "exercise-che
 #: the seeds of the hidden tests: not the visible check's (0), so a function fitted to those cases fails
 HIDDEN_SEED = 1000
 CHECK_CALL = re.compile(r"""exercises\.check\(\s*["'](\w+)["']\s*,\s*(\w+)""")
-SOLUTION_REGION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.M | re.S)
-STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+STUB = bookbuild.STUB
 
 
 def _tags(cell) -> List[str]:
@@ -75,11 +74,6 @@ def exercise_calls(cells) -> List[Tuple[str, str]]:
                                  f"{cell.source[:80]!r}")
             found.append((match.group(1), match.group(2)))
     return found
-
-
-def stub_solutions(source: str) -> str:
-    """Each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region replaced with nbgrader's stub."""
-    return SOLUTION_REGION.sub(lambda m: "\n".join(m.group(1) + line for line in STUB.splitlines()), source)
 
 
 def _slug(text: str) -> str:
@@ -355,7 +349,7 @@ def lab_notebook(root: Path, chapter: str, executed: Optional[Path] = None, stud
         if cell.cell_type == "code" and student:
             cell.outputs, cell.execution_count = [], None
             if SOLUTION_TAG in tags:
-                cell.source = stub_solutions(cell.source)
+                cell.source = bookbuild.stub_solutions(cell.source)
         cells.append(cell)
     nb.cells = cells
     nb.metadata.pop("papermill", None)

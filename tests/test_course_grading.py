@@ -22,19 +22,21 @@ from kdlib import course, exercises
 ROOT = Path(__file__).resolve().parent.parent
 
 #: one planted mistake per assignment: (text of the instructor's solution, its wrong version, sentence)
-PLANTED_ALL = {
+PLANTED = {
     "kd": ("return temperature**2 * kl.mean()", "return kl.mean()", "Your loss is T² times too small"),
-    "dkd": ("log_p_t = F.log_softmax(teacher_logits / temperature - big, dim=1)",
-            "log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)", "not renormalise"),
-    "cwkd": ("weights = weights / weights.mean()", "weights = weights", "not divided by their batch mean"),
-    "clkd": ("F.normalize(student_logits, dim=0)", "F.normalize(student_logits, dim=1)", "L_cla takes each class"),
-    "rekd": ("return temperature**2 * kl.mean()", "return temperature * kl.mean()", "T times too small"),
+    "dkd": ("big = 1000.0 * F.one_hot(targets, student_logits.shape[1])", "big = 0.0",
+            "NCKD leaves the label out"),
+    "cwkd": ("losses.kd_per_sample(", "losses.kl_divergence(", "Your loss is T² times too small"),
+    "clkd": ("s = F.normalize(student_logits, dim=0)  # each class's column across the batch\n"
+             "    t = F.normalize(teacher_logits, dim=0)\n    return (s - t).pow(2).sum(dim=0).mean()",
+             "s = F.normalize(student_logits, dim=1)\n    t = F.normalize(teacher_logits, dim=1)\n"
+             "    return (s - t).pow(2).sum(dim=1).mean()", "L_cla takes each class's column"),
+    "rekd": ("return temperature**2 * kl.mean()", "return temperature * kl.mean()", "Your loss is T times too small"),
     "aekt": ("ratio = ratio.detach()", "ratio = ratio", "Your weight r carries a gradient"),
-    "dlkd": ("torch.quantile(difficulty, 0.8)", "torch.quantile(difficulty, 0.2)", "the hardest images"),
+    "dlkd": ("torch.quantile(difficulty, 0.8)", "torch.quantile(difficulty, 0.2)", "only for the images in between"),
     "logit_family": ("logits.std(dim=1, keepdim=True)", "logits.std(dim=1, keepdim=True, correction=0)",
                      "population standard deviation"),
 }
-PLANTED = {k: v for k, v in PLANTED_ALL.items() if k in course.chapters_with_exercises(ROOT)}  # TEMP pilot
 
 
 STUDENTS = ("instructor", "untouched", "planted")

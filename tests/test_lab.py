@@ -126,7 +126,8 @@ def jupyterlab(lab_dir, tmp_path_factory):
     log = open(home / "jupyterlab.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--ServerApp.token={token}", f"--ServerApp.root_dir={lab_dir}", "--ServerApp.open_browser=False"],
+         f"--ServerApp.token={token}", f"--ServerApp.root_dir={lab_dir}", "--ServerApp.open_browser=False"]
+        + (["--allow-root"] if os.geteuid() == 0 else []),
         env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -178,7 +179,7 @@ def browser():
 
 
 RENDERED_TEXT_JS = r"""
-const cells = Array.from(document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown, .jp-MarkdownCell .jp-MarkdownOutput'));
+const cells = Array.from(document.querySelectorAll('.jp-MarkdownCell.jp-mod-rendered'));
 return {count: cells.length, text: cells.map(c => c.innerText).join('\n'),
         errors: document.querySelectorAll('.myst-RenderedExpressionError, [data-mime-type="application/vnd.jupyter.stderr"]').length};
 """
@@ -203,9 +204,8 @@ def test_chapter_reads_right_in_jupyterlab_and_its_checks_run(jupyterlab, browse
     url, token = jupyterlab
     driver = browser
     driver.get(f"{url}/lab/tree/{CHAPTER}.ipynb?token={token}")
-    _wait(driver, "return document.querySelectorAll('.jp-MarkdownCell').length > 10", 120, "the notebook")
-    _wait(driver, "return document.querySelector('.jp-Notebook .jp-MarkdownCell .jp-RenderedMarkdown, "
-                  ".jp-Notebook .jp-MarkdownCell .jp-MarkdownOutput') !== null", 60, "rendered Markdown")
+    _wait(driver, "return document.querySelectorAll('.jp-MarkdownCell.jp-mod-rendered').length > 10", 180,
+          "the notebook's rendered Markdown cells")
     time.sleep(2)  # let the MyST renderer finish every cell
     page = driver.execute_script(RENDERED_TEXT_JS)
     raw = RAW_ROLE.search(page["text"])
