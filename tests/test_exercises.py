@@ -6,6 +6,8 @@ authors' code, loops, numpy), so a check that merely compared code paths would f
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -170,10 +172,11 @@ def kd_sum_over_batch(student_logits, teacher_logits, temperature):
     return kd_loss_kl_div(student_logits, teacher_logits, temperature) * student_logits.shape[0]
 
 
-@pytest.mark.filterwarnings("ignore:reduction")
 def kd_mean_reduction(student_logits, teacher_logits, temperature):
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_p_s, F.softmax(teacher_logits / temperature, 1), reduction="mean") * temperature**2
+    with warnings.catch_warnings():  # torch warns about reduction="mean": the mistake this test plants
+        warnings.simplefilter("ignore")
+        return F.kl_div(log_p_s, F.softmax(teacher_logits / temperature, 1), reduction="mean") * temperature**2
 
 
 def kd_reverse(student_logits, teacher_logits, temperature):
