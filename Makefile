@@ -15,7 +15,7 @@ export KDLIB_HOME ?= $(CURDIR)/_build/kdlib
 export MPLCONFIGDIR := $(CURDIR)/_build/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test book pdf chapter student-copies course lab bench clean lock
+.PHONY: setup test test-fast book pdf chapter student-copies course lab bench clean lock
 
 setup: $(STAMP)
 
@@ -27,8 +27,17 @@ $(STAMP): pyproject.toml constraints.txt
 	  || $(PY) -m pip install -q -e '.[book,test,lab,course]'
 	@touch $(STAMP)
 
+# The suite on two pytest-xdist workers, one torch thread each (tests/conftest.py): on the 2-core machine the
+# two run side by side in about half the time of one. Tests that must share a worker say so (CONTRIBUTING.md).
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra $(PYTEST_XDIST) --durations=15 tests
+
+# The edit-test loop: everything but the `slow` tests (end-to-end training, chapters, browser, Slurm).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_XDIST) -m "not slow" tests
 
 # KEEP="kd dkd" (or KEEP=all) keeps chapters as `make chapter` last executed them, other parameters included
 KEEP ?=

@@ -1,42 +1,26 @@
 """``python -m kdlib bench``: a distillation step of this project against the usual CIFAR pipeline.
 
 One run measures, for one teacher -> student pair at batch 64, the images per second of a KD training
-step (KD loss, SGD step):
+step (KD loss, SGD step), the variants interleaved so that a change of load hits all of them (each figure
+the median of ``--repeats`` passes of ``--steps`` steps, after untimed warm-up steps):
 
 * **reference**: the pipeline of the community code bases (CRD/RepDistiller, mdistiller), written here:
   a torchvision-style CIFAR ``Dataset`` over HWC uint8 numpy images, PIL ``RandomCrop(32, padding=4)``,
-  ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (``torchvision.transforms``), a shuffling
-  ``DataLoader`` with worker processes, float32, NCHW, the live teacher under ``no_grad``, and a
-  ``loss.item()`` per step for the meters;
-* **kdlib**: the engine's own step (:class:`kdlib.engine.TrainingStep`, the function every run uses,
-  with its per-epoch sums), the dataset resident on the device as uint8, channels-last, teacher logits
-  from a warm :class:`kdlib.logit_cache.TeacherLogitCache`; float32 unless ``--amp bf16``;
-* **kdlib, live teacher**: the same without the cache (where the speed-up comes from);
-* **kdlib, cold cache**: the first pass over batches no entry of which is cached (lazy fill's cost);
-* **kdlib, CUDA graph** (CUDA only): the engine's captured step (:class:`kdlib.engine.GraphedStep`, what
-  ``graph=auto`` runs on CUDA) over the warm cache (the live teacher inside the graph if incomplete).
+  ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``, a shuffling ``DataLoader`` with worker processes,
+  float32, NCHW, the live teacher under ``no_grad``, and a ``loss.item()`` per step for the meters;
+* **kdlib**: the engine's own step and epoch loop (:class:`kdlib.engine.TrainingStep`,
+  :class:`kdlib.engine.EpochLoop`, the code every run uses, optimizer included), the dataset resident on
+  the device as uint8, channels-last, teacher logits from a warm :class:`kdlib.logit_cache.TeacherLogitCache`
+  ("warm": on a CPU the timed batches are replayed after a cold pass filled them; on a GPU the cache is
+  filled up front); float32 unless ``--amp``; also with the live teacher, and the cold first pass;
+* **kdlib, CUDA graph** (CUDA only): the same loop capturing the step, as ``graph=auto`` runs on CUDA.
 
-``--paper-run`` instead trains the engine itself (:func:`kdlib.engine.train`, teacher and KD student,
-per-epoch evaluation included) for a few epochs on CIFAR-sized synthetic data (50k / 10k images, the
-paper profile's networks, batch and recipe) and projects a 240-epoch run from the measured epochs.
-
-Warm-up steps are excluded; each figure is the median of ``--repeats`` timed passes of ``--steps``
-steps, the variants interleaved so that a change of load hits all of them. "Warm" means every view the
-timed steps use is in the cache: on a CPU the timed batches are replayed (same permutation and views)
-after a first, cold pass filled them; on a GPU (``--cache-warmup fill``) the cache is filled up front
-for the images the fast path uses, so the lookup takes its synchronisation-free path.
-
-The one-time cost of a full fill is measured separately: :meth:`TeacherLogitCache.fill` over
-``--fill-images`` images (all 162 views each), extrapolated to the profile's training set (an estimate,
-labelled as such), with the number of runs of the profile's length after which it has paid for itself.
-Lazy filling (the default ``teacher_cache=auto``) has no up-front cost.
-
-Finally, each registered method's loss cost: forward + backward of its loss on (64, 100) logits,
-relative to plain cross-entropy. Methods with a ``setup`` hook get a tiny one (a resnet8 teacher and 64
-images); the setup itself is not timed.
-
-Data are synthetic (CIFAR-100 shaped, :func:`kdlib.data.make_synthetic`), the networks randomly
-initialised: speed does not depend on the values. Timings are medians, never used by tests.
+The one-time cost of a full fill is timed on ``--fill-images`` images (all 162 views each) and
+extrapolated to the profile's training set (an estimate, labelled as such), with the number of runs after
+which it pays for itself. Then each method's loss cost: forward + backward of its loss on (64, 100)
+logits, relative to cross-entropy. ``--paper-run`` instead trains the engine (teacher and KD student,
+evaluation included) for a few epochs on CIFAR-sized synthetic data and projects a 240-epoch run.
+Data are synthetic, the networks randomly initialised: speed does not depend on the values.
 """
 from __future__ import annotations
 
@@ -53,12 +37,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlib.errors import KDLibError
+from kdlib.reference_pipeline import Reference, ReferenceCIFAR, reference_transform  # noqa: F401 (public here)
 
 #: the pairs: --quick (the course profile's) and the default (the paper profile's)
 QUICK_PAIR, DEFAULT_PAIR = ("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")
@@ -80,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed warm-up steps per variant (3 on CPU; 30 on CUDA: cuDNN autotuning, compilation)")
     parser.add_argument("--batch-size", dest="batch_size", type=_positive, default=64, help="batch size (64)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (2)")
-    parser.add_argument("--amp", default="none", choices=("none", "bf16"),
-                        help="kdlib fast path under bf16 autocast (default none: float32)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16"),
+                        help="the engine's precision (auto, the default: the engine's choice, bf16 for a captured "
+                             "CUDA step and on CPUs with native bf16; none: float32); the reference is float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (CUDA only)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="kdlib fast path in NCHW instead of channels-last")
@@ -107,16 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train the engine for a few epochs at paper size on synthetic data; project 240-epoch runs.
-
-    Teacher (vanilla, ``teacher_epochs`` measured epochs) and KD student (``epochs``) through
-    :func:`kdlib.engine.train` with the paper profile's recipe, ``graph=auto`` (on for CUDA), per-epoch
-    evaluation included. The first epoch of each (capture, cuDNN autotuning, allocator) is reported
-    apart; the projection is ``first + 239 x median(later epochs)`` plus the teacher-logit cache fill the
-    student run made (a one-time cost per teacher and data, reported separately too). ``--quick``: a tiny
-    version (resnet8 -> resnet8, 10 images per class) that checks the plumbing, not the speed.
-    """
-    import json as _json
+    """Train the engine (vanilla teacher, then KD student; ``graph=auto``, ``--amp``, evaluation every epoch)
+    for a few epochs at paper size on synthetic data; project 240 epochs as ``first + 239 x median(later)``
+    (the first epoch holds the capture, cuDNN autotuning, allocator); the cache fill is reported apart.
+    ``--quick``: resnet8 -> resnet8 on 10 images per class, a check of the plumbing, not of the speed."""
     from pathlib import Path
 
     from kdlib import engine, teachers
@@ -132,13 +111,13 @@ def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kdlib-paper-run-") as root:
         cfg = make_config("paper", method="kd", dataset="synthetic", epochs=epochs, teacher_epochs=teacher_epochs,
                           device=str(device), teachers_dir=str(Path(root) / "teachers"),
-                          out=str(Path(root) / "student"), seed=args.seed,
+                          out=str(Path(root) / "student"), seed=args.seed, amp=args.amp,
                           teacher_cache=getattr(args, "teacher_cache", "auto"), **size)
         t0 = time.perf_counter()
         student = engine.train(cfg, progress=False, verbose=not args.json)
         wall = time.perf_counter() - t0
         teacher_dir = teachers.teacher_path(cfg).with_suffix("")
-        teacher = _json.loads((teacher_dir / engine.METRICS).read_text())
+        teacher = json.loads((teacher_dir / engine.METRICS).read_text())
 
     def project(history, total: int = 240) -> Dict[str, Any]:
         secs = [row["epoch_seconds"] for row in history]
@@ -155,6 +134,8 @@ def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "pair": f"{pair[0]}:{pair[1]}", "dataset": student["config"]["dataset"]["description"],
         "graph": student["segments"][-1].get("graph"), "amp": student["segments"][-1].get("amp"),
+        "execution": {role: {k: run["segments"][-1].get(k) for k in ("graph", "amp", *_COUNTS)}
+                      for role, run in (("teacher", teacher), ("student", student))},
         "teacher_cache": {k: cache.get(k) for k in ("requested", "mode", "dtype", "reason", "graph") if k in cache},
         "cache_fill_seconds": fill, "teacher": project(teacher["history"]), "student": project(student["history"]),
         "wall_seconds_measured": wall, "torch": torch.__version__,
@@ -166,6 +147,9 @@ def paper_run(args: argparse.Namespace) -> Dict[str, Any]:
     result["student_projected_minutes"] = result["student"]["projected_seconds"] / 60
     result["teacher_projected_minutes"] = result["teacher"]["projected_seconds"] / 60
     return result
+
+
+_COUNTS = ("graph_captures", "graph_replays", "eager_steps", "graph_fallback")
 
 
 def _paper_table(r: Dict[str, Any]) -> str:
@@ -205,151 +189,41 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-# -- (a) the reference pipeline, written the way the anchor code bases do it -------------------------
-class ReferenceCIFAR(torch.utils.data.Dataset):
-    """``torchvision.datasets.CIFAR100``'s ``__getitem__``: HWC uint8 numpy -> PIL image -> transform."""
+# -- (b) the fast path: the engine's own step and epoch loop ------------------------------------------
+def engine_loop(data, student: nn.Module, teacher_logits, *, device: torch.device, batch_size: int, seed: int,
+                amp: str, channels_last: bool, compile: bool = False, lr: float = 0.05, graph: bool = False,
+                teacher: Optional[nn.Module] = None, method: str = "kd", method_params=None):
+    """The engine's step (:class:`kdlib.engine.TrainingStep`) and epoch loop (:class:`kdlib.engine.EpochLoop`)
+    over a device-resident uint8 dataset, built with the engine's own parts (optimizer included): with
+    ``graph`` the loop captures the step after its first one and replays it, as a graphed run does."""
+    from kdlib import engine, methods
 
-    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, transform):
-        self.data, self.targets, self.transform = images_hwc, [int(v) for v in labels], transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        img, target = self.data[index], self.targets[index]
-        img = Image.fromarray(img)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
-
-
-def reference_transform():
-    """The CIFAR-100 training transform of CRD/mdistiller."""
-    import torchvision.transforms as T
-
-    from kdlib.data import CIFAR100_MEAN, CIFAR100_STD
-
-    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+    loss = methods.build(method, **dict(method_params or {})).to(device)
+    forward = engine.compile_student(student, device, compile and not graph)
+    optimizer = engine.make_optimizer(list(student.parameters()) + list(loss.parameters()), lr=lr, momentum=0.9,
+                                      weight_decay=5e-4, graph=graph, device=device)
+    step = engine.TrainingStep(images_u8=data.train_images, labels=data.train_labels, forward=forward, method=loss,
+                               optimizer=optimizer, teacher_logits=teacher_logits, teacher=teacher, device=device,
+                               amp=amp, channels_last=channels_last,
+                               teacher_amp=amp if device.type == "cuda" else "none")
+    return engine.EpochLoop(step, seed=seed, batch_size=batch_size, epochs=1, graph=graph)
 
 
-def _reference_kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) -> Tensor:
-    """mdistiller's ``kd_loss``."""
-    log_pred_student = F.log_softmax(logits_student / temperature, dim=1)
-    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
-    loss_kd = F.kl_div(log_pred_student, pred_teacher, reduction="none").sum(1).mean()
-    return loss_kd * temperature ** 2
-
-
-class _Reference:
-    """A DataLoader over the PIL dataset and mdistiller's KD step (fp32, NCHW, live teacher)."""
-
-    def __init__(self, dataset, teacher: nn.Module, student: nn.Module, device: torch.device, batch_size: int,
-                 workers: int, seed: int, kd_hparams: Dict[str, float], lr: float):
-        images = dataset.train_images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as in the pickles
-        data = ReferenceCIFAR(images, dataset.train_labels.numpy(), reference_transform())
-        self.loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed))
-        self.iterator = iter(self.loader)
-        self.teacher, self.student, self.device = teacher, student, device
-        self.optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        self.hp = kd_hparams
-
-    def steps(self, n: int) -> None:
-        for _ in range(n):
-            try:
-                image, target = next(self.iterator)
-            except StopIteration:  # a new epoch (the dataset is sized so that timed passes never need it)
-                self.iterator = iter(self.loader)
-                image, target = next(self.iterator)
-            image = image.to(self.device, non_blocking=True)
-            target = target.to(self.device, non_blocking=True)
-            logits_student = self.student(image)
-            with torch.no_grad():
-                logits_teacher = self.teacher(image)
-            loss = (self.hp["ce_weight"] * F.cross_entropy(logits_student, target)
-                    + self.hp["kd_weight"] * _reference_kd_loss(logits_student, logits_teacher, self.hp["temperature"]))
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            loss.item()  # the meters' per-step read (a host sync on GPUs)
-
-
-# -- (b) the fast path: the engine's own step --------------------------------------------------------
-class _Fast:
-    """The engine's own step (:class:`kdlib.engine.TrainingStep`) over a device-resident uint8 dataset,
-    batches from the engine's generators; with ``graph`` the engine's captured step
-    (:class:`kdlib.engine.GraphedStep`): the first step eager (it creates the momentum buffers), then
-    one capture, then replays, as :func:`kdlib.engine.train` does."""
-
-    def __init__(self, dataset, student: nn.Module, teacher_logits, device: torch.device, batch_size: int,
-                 seed: int, amp: str, channels_last: bool, compile: bool, lr: float, graph: bool = False,
-                 teacher: Optional[nn.Module] = None):
-        from kdlib import engine, methods
-
-        self.engine = engine
-        self.images, self.labels = dataset.train_images, dataset.train_labels
-        self.device, self.bs, self.seed, self.amp, self.channels_last = device, batch_size, seed, amp, channels_last
-        self.student = student
-        self.method = methods.build("kd").to(device)
-        self.forward = engine.compile_student(student, device, compile and not graph)
-        params = list(student.parameters()) + list(self.method.parameters())
-        if graph:  # as the engine builds it in graph mode: fused SGD, the rate a float32 device tensor
-            self.optimizer = torch.optim.SGD(params, lr=torch.tensor(lr, device=device), momentum=0.9,
-                                             weight_decay=5e-4, nesterov=False, fused=True)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=False)
-        self.teacher_logits = teacher_logits
-        self.step = engine.TrainingStep(images_u8=self.images, labels=self.labels, forward=self.forward,
-                                        method=self.method, optimizer=self.optimizer, teacher_logits=teacher_logits,
-                                        teacher=teacher, device=device, amp=amp, channels_last=channels_last)
-        self.N = int(self.images.shape[0])
-        self.graph = graph
-        self.graphed = None
-        if graph:
-            from kdlib.methods.base import StepContext
-
-            self.aug = torch.Generator(device=device)
-            self.sums = engine.EpochSums(device)
-            self.ctx = StepContext(epoch=1, step=0, steps_per_epoch=max(1, self.N // batch_size), epochs=1,
-                                   progress=torch.zeros((), device=device))
-
-    def epoch(self, epoch: int, steps: int) -> None:
-        """``steps`` steps of the engine's epoch ``epoch`` (same permutation and views for the same epoch)."""
-        from kdlib.methods.base import StepContext
-
-        engine = self.engine
-        perm = torch.randperm(self.N, generator=engine.epoch_generator(self.seed, epoch, 1)).to(self.device)
-        per_epoch = max(1, self.N // self.bs)  # whole batches only: one captured shape
-        if self.graph:
-            self.aug.manual_seed(engine.epoch_generator(self.seed, epoch, 2).initial_seed())
-            self.sums.reset()
-            sums, aug = self.sums, self.aug
-        else:
-            aug = engine.epoch_generator(self.seed, epoch, 2, device=self.device)
-            sums = engine.EpochSums(self.device)
-        for step in range(steps):
-            s = step % per_epoch
-            idx = perm[s * self.bs:(s + 1) * self.bs]
-            progress = (epoch - 1) + (s + 1) / per_epoch
-            if self.graph and self.optimizer.state:
-                if self.graphed is None:
-                    self.graphed = engine.GraphedStep(self.step, sums, self.bs, aug, None, self.ctx, first_indices=idx)
-                self.graphed.replay(idx, s, progress)
-                continue
-            self.step(idx, aug, StepContext(epoch=epoch, step=s, steps_per_epoch=per_epoch, epochs=max(epoch, 1),
-                                            indices=idx, progress=progress), sums)
-        sums.read()  # the engine reads its sums once per epoch (a host synchronisation)
+def timed_steps(loop, first_epoch: int, steps: int) -> None:
+    """``steps`` steps of the loop from ``first_epoch`` on (the same epochs give the same batches and views),
+    the epoch sums read once per epoch as a run reads them (a host synchronisation)."""
+    epoch = first_epoch
+    while steps > 0:
+        n = min(steps, loop.steps_per_epoch)
+        loop.run_epoch(epoch, steps=n).read()
+        steps, epoch = steps - n, epoch + 1
 
 
 # -- per-method step cost ------------------------------------------------------------------------------
 def method_step_seconds(specs: Dict[str, Any], teacher: nn.Module, student: str, dataset,
                         device: torch.device, batch_size: int = 64, steps: int = 10, repeats: int = 3,
                         seed: int = 0) -> Dict[str, float]:
-    """Median seconds of one whole training step of the engine (:class:`kdlib.engine.TrainingStep`) for
+    """Median seconds of one whole training step of the engine (its step and epoch loop) for
     each ``label: (method, hyperparameters)`` (or ``label: method``, as :func:`kdlib.experiments.run_all`
     takes them), under equal conditions: the live teacher for every method
     (no teacher-logit cache), the same batches, a fresh student per method, the methods timed in turn
@@ -359,47 +233,30 @@ def method_step_seconds(specs: Dict[str, Any], teacher: nn.Module, student: str,
     trained beside it; unlike :func:`method_overheads` it includes what a method adds outside its loss
     (MLKD's second view through student and teacher, its strong augmentation).
     """
-    from kdlib import engine, methods, models
-    from kdlib.methods.base import StepContext
+    from kdlib import methods, models
+    from kdlib.precision import resolve_amp
     from kdlib.teacher_logits import LiveTeacher
 
-    from kdlib.precision import resolve_amp
-
-    images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
-    steps_per_epoch = max(1, int(images.shape[0]) // batch_size)
+    data = dataclasses.replace(dataset, train_images=dataset.train_images.to(device),
+                               train_labels=dataset.train_labels.to(device))
     # the precision a run of the book gets here: the engine's default, the teacher float32 on a CPU
     amp = resolve_amp("auto", device)
-    teacher_amp = amp if device.type == "cuda" else "none"
-    live = LiveTeacher(teacher.to(device).eval(), device, teacher_amp)
-    runners = {}
+    live = LiveTeacher(teacher.to(device).eval(), device, amp if device.type == "cuda" else "none")
+    loops = {}
     for label, spec in specs.items():
         name, params = (spec, {}) if isinstance(spec, str) else spec
         torch.manual_seed(seed)
-        net = models.create(student, num_classes=dataset.num_classes).to(device)
-        net = net.to(memory_format=torch.channels_last)
-        method = methods.build(name, **dict(params)).to(device)
-        optimizer = torch.optim.SGD(list(net.parameters()) + list(method.parameters()), lr=0.05, momentum=0.9,
-                                    weight_decay=5e-4)
-        step = engine.TrainingStep(images_u8=images, labels=labels, forward=net, method=method,
-                                   optimizer=optimizer, teacher_logits=live if method.uses_teacher else None,
-                                   teacher=teacher if method.uses_teacher else None, device=device, amp=amp,
-                                   channels_last=True, teacher_amp=teacher_amp)
-        runners[label] = step
-    perm = torch.randperm(int(images.shape[0]), generator=torch.Generator().manual_seed(seed)).to(device)
-
-    def run(step, n):
-        gen = engine.epoch_generator(seed, 1, 2, device=device)
-        for s in range(n):
-            idx = perm[(s % steps_per_epoch) * batch_size:(s % steps_per_epoch + 1) * batch_size]
-            step(idx, gen, StepContext(epoch=1, step=s % steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                                       epochs=1, indices=idx, progress=(s + 1) / steps_per_epoch))
-
-    for step in runners.values():  # warm-up: first calls allocate and pick kernels
-        run(step, 1)
-    times: Dict[str, List[float]] = {k: [] for k in runners}
+        net = models.create(student, num_classes=dataset.num_classes).to(device).to(memory_format=torch.channels_last)
+        uses_teacher = methods.get(name).uses_teacher
+        loops[label] = engine_loop(data, net, live if uses_teacher else None, device=device, batch_size=batch_size,
+                                   seed=seed, amp=amp, channels_last=True, teacher=teacher if uses_teacher else None,
+                                   method=name, method_params=params)
+    for loop in loops.values():  # warm-up: first calls allocate and pick kernels
+        timed_steps(loop, 1, 1)
+    times: Dict[str, List[float]] = {k: [] for k in loops}
     for _ in range(repeats):
-        for label, step in runners.items():
-            times[label].append(_timed(device, lambda step=step: run(step, steps)) / steps)
+        for label, loop in loops.items():
+            times[label].append(_timed(device, lambda loop=loop: timed_steps(loop, 1, steps)) / steps)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -441,7 +298,7 @@ def method_overheads(device: torch.device, batch_size: int = 64, num_classes: in
         def step(z, m=m):
             # a method with extra views (MLKD) gets the same logits as its second view here
             c = StepContext(epoch=1, step=0, steps_per_epoch=1, epochs=1, indices=idx,
-                            views={v: (z, t) for v in m.extra_views}) if m.extra_views else ctx
+                            extra_logits={v: (z, t) for v in m.extra_views}) if m.extra_views else ctx
             terms = m(z, t if m.uses_teacher else None, y, c)
             sum(terms.values()).backward()
 
@@ -470,14 +327,9 @@ def method_overheads(device: torch.device, batch_size: int = 64, num_classes: in
 
 # -- the whole benchmark ---------------------------------------------------------------------------------
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from kdlib.engine import machine_info
+
+    return machine_info()["cpu"]
 
 
 def _profile_size(profile: str):
@@ -490,194 +342,158 @@ def _profile_size(profile: str):
     return n, int(p["epochs"])
 
 
-def measure(args: argparse.Namespace) -> Dict[str, Any]:
-    from kdlib import engine, logit_cache, models
-    from kdlib.data import make_synthetic
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Device, pair, step counts and the profile the fill estimate uses, from the arguments (checked)."""
+    from kdlib import engine, models
 
     device = engine.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.pair:
-        if ":" not in args.pair:
-            raise KDLibError(f"--pair expects TEACHER:STUDENT, got {args.pair!r}")
-        pair = tuple(args.pair.split(":", 1))
-    else:
-        pair = QUICK_PAIR if args.quick else DEFAULT_PAIR
+    if args.pair and ":" not in args.pair:
+        raise KDLibError(f"--pair expects TEACHER:STUDENT, got {args.pair!r}")
+    pair = tuple(args.pair.split(":", 1)) if args.pair else (QUICK_PAIR if args.quick else DEFAULT_PAIR)
     names = models.names()
     for role, arch in zip(("teacher", "student"), pair):
         if arch not in names:
             raise KDLibError(f"unknown {role} architecture {arch!r}; valid: {', '.join(names)}")
     gpu = device.type == "cuda"
-    steps = args.steps or (200 if gpu else 20)
-    repeats = args.repeats or (5 if gpu else 3)
-    warmup = args.warmup or (30 if gpu else 3)
-    bs = args.batch_size
     profile = args.profile or ("course" if args.quick else "paper")
     profile_images, profile_epochs = _profile_size(profile)
-    warm_mode = args.cache_warmup or ("fill" if device.type == "cuda" else "replay")
-    fill_images = args.fill_images or (512 if device.type == "cuda" else 8)
-    amp = args.amp
-    if amp == "bf16" and device.type != "cuda":
-        amp_note = "bf16 autocast on CPU changes numerics; measured as asked"
-    else:
-        amp_note = ""
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"device": device, "pair": pair, "steps": args.steps or (200 if gpu else 20),
+            "repeats": args.repeats or (5 if gpu else 3), "warmup": args.warmup or (30 if gpu else 3),
+            "bs": args.batch_size, "profile": profile, "profile_images": profile_images,
+            "profile_epochs": profile_epochs, "warm_mode": args.cache_warmup or ("fill" if gpu else "replay"),
+            "fill_images": args.fill_images or (512 if gpu else 8),
+            "amp": engine.resolve_amp(args.amp, device, graph=gpu and not args.compile)}
 
+
+def _time_variants(args, st: Dict[str, Any], dataset, fast_data, teacher, student0, root: str) -> Dict[str, Any]:
+    """The reference pipeline and the engine's loops (live teacher, cache, captured on CUDA), timed
+    interleaved: ``repeats`` rounds of ``steps`` steps each, after untimed warm-up steps."""
+    from kdlib import engine, logit_cache
+
+    device, bs, steps, amp = st["device"], st["bs"], st["steps"], st["amp"]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    ref = Reference(dataset, copy.deepcopy(teacher).to(device), copy.deepcopy(student0).to(device).train(), device,
+                     bs, args.workers, args.seed, {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}, 0.05)
+    fast_teacher = copy.deepcopy(teacher).to(device=device, memory_format=fmt)
+    live = engine.LiveTeacher(fast_teacher, device, amp)
+
+    def loop(source, graph=False):
+        return engine_loop(fast_data, copy.deepcopy(student0).to(device=device, memory_format=fmt).train(), source,
+                           device=device, batch_size=bs, seed=args.seed, amp=amp, channels_last=args.channels_last,
+                           compile=args.compile, graph=graph, teacher=fast_teacher)
+
+    cache = logit_cache.TeacherLogitCache(
+        fast_teacher, fast_data.train_images, num_classes=dataset.num_classes, live=live, teacher_name=st["pair"][0],
+        dataset_description=dataset.description, device=device, amp=amp, channels_last=args.channels_last,
+        dtype=args.cache_dtype, root=root)
+    loops = {"live": loop(live), "cache": loop(cache)}
+    ref.steps(st["warmup"])  # warm-up (untimed): kernels, allocator, workers; other views than the timed ones
+    for lp in loops.values():
+        timed_steps(lp, 1000, st["warmup"])
+    cache.commit()
+    computed0 = cache.computed
+    cold = _timed(device, lambda: timed_steps(loops["cache"], 1, steps))  # every timed view missing
+    out: Dict[str, Any] = {"cold": cold, "cold_misses": cache.computed - computed0}
+    cache.commit()
+    if st["warm_mode"] == "fill":
+        out["warm_fill"] = cache.fill()
+    if device.type == "cuda" and not args.compile:  # the engine's captured step over the same warm cache
+        loops["graphed"] = loop(cache if cache.capturable else live, graph=True)
+        timed_steps(loops["graphed"], 1000, st["warmup"])  # first step eager, capture, replays (untimed)
+        out["graphed_teacher"] = "cache" if cache.capturable else "live"
+        out["graphed_counts"] = loops["graphed"].counts()
+    times: Dict[str, List[float]] = {"reference": [], **{name: [] for name in loops}}
+    computed, lookups = cache.computed, cache.lookups
+    for _ in range(st["repeats"]):
+        times["reference"].append(_timed(device, lambda: ref.steps(steps)))
+        for name, lp in loops.items():
+            times[name].append(_timed(device, lambda lp=lp: timed_steps(lp, 1, steps)))
+    if "graphed" in loops:
+        loops["graphed"].release()
+    out.update(times=times, warm_misses=cache.computed - computed, warm_lookups=cache.lookups - lookups,
+               cache_complete=cache.complete, cache_dtype=cache.dtype)
+    cache.close()
+    ref.iterator = None  # stop the workers
+    out["fill"] = _fill_cost(args, st, dataset, fast_data, fast_teacher, live, os.path.join(root, "fill"))
+    return out
+
+
+def _fill_cost(args, st: Dict[str, Any], dataset, fast_data, teacher, live, root: str) -> Dict[str, Any]:
+    """The one-time cost of a full fill: every view of a few images, timed (extrapolated by the caller)."""
+    from kdlib import logit_cache
+
+    fill_cache = logit_cache.TeacherLogitCache(
+        teacher, fast_data.train_images, num_classes=dataset.num_classes, live=live, teacher_name=st["pair"][0],
+        dataset_description=dataset.description, device=st["device"], amp=st["amp"],
+        channels_last=args.channels_last, dtype=args.cache_dtype, root=root)
+    k = max(1, min(st["fill_images"], int(fast_data.train_images.shape[0]) - 1))
+    fill_cache.fill([0])  # warm-up of the large-batch kernels (untimed)
+    fill = fill_cache.fill(range(1, 1 + k))
+    fill_cache.close()
+    return fill
+
+
+def measure(args: argparse.Namespace) -> Dict[str, Any]:
+    from kdlib import engine, logit_cache, models
+    from kdlib.data import make_synthetic
+
+    st = _settings(args)
+    device, bs, steps = st["device"], st["bs"], st["steps"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     # data: the reference's epoch covers every step it takes; the fast path uses the first fast_n images
-    needed = (warmup + steps * repeats + 1) * bs
-    per_class = max(1, math.ceil(needed / 100))
+    per_class = max(1, math.ceil((st["warmup"] + steps * st["repeats"] + 1) * bs / 100))
     dataset = make_synthetic(train_per_class=per_class, test_per_class=1, seed=args.seed)
     fast_n = min(steps, 64) * bs  # a whole number of batches; longer passes go round it again (new views)
     fast_data = dataclasses.replace(dataset, train_images=dataset.train_images[:fast_n].contiguous(),
                                     train_labels=dataset.train_labels[:fast_n].contiguous()).to(device)
-
-    # networks: one teacher, one student initialisation copied into each variant
-    torch.manual_seed(args.seed)
-    teacher = models.create(pair[0]).eval()
+    torch.manual_seed(args.seed)  # one teacher, one student initialisation copied into each variant
+    teacher = models.create(st["pair"][0]).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student0 = models.create(pair[1])
-    kd_hp = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
-    lr = 0.05
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    with engine.fast_kernels(device):
-        ref_teacher = copy.deepcopy(teacher).to(device)
-        ref = _Reference(dataset, ref_teacher, copy.deepcopy(student0).to(device).train(), device, bs, args.workers,
-                         args.seed, kd_hp, lr)
-        fast_teacher = copy.deepcopy(teacher).to(device=device, memory_format=fmt)
-        live = engine.LiveTeacher(fast_teacher, device, amp)
-        fast_live = _Fast(fast_data, copy.deepcopy(student0).to(device=device, memory_format=fmt).train(), live,
-                          device, bs, args.seed, amp, args.channels_last, args.compile, lr)
-        with tempfile.TemporaryDirectory(prefix="kdlib-bench-cache-") as root:
-            cache = logit_cache.TeacherLogitCache(
-                fast_teacher, fast_data.train_images, num_classes=dataset.num_classes, live=live,
-                teacher_name=pair[0], dataset_description=dataset.description, device=device, amp=amp,
-                channels_last=args.channels_last, dtype=args.cache_dtype, root=root)
-            fast_cache = _Fast(fast_data, copy.deepcopy(student0).to(device=device, memory_format=fmt).train(), cache,
-                               device, bs, args.seed, amp, args.channels_last, args.compile, lr)
-
-            # warm-up (untimed): kernels, allocator, worker start-up; the cache variant's warm-up uses other views
-            ref.steps(warmup)
-            fast_live.epoch(1000, warmup)
-            fast_cache.epoch(1000, warmup)
-            cache.commit()
-            # the cold pass: every view of the timed batches is missing (lazy fill's first epoch)
-            timed_epoch = 1
-            lookups0, computed0 = cache.lookups, cache.computed
-            cold = _timed(device, lambda: fast_cache.epoch(timed_epoch, steps))
-            cold_misses = cache.computed - computed0
-            cache.commit()
-            warm_fill = None
-            if warm_mode == "fill":
-                warm_fill = cache.fill()
-            graphed = None
-            if device.type == "cuda" and not args.compile:
-                # the engine's captured step (graph=auto on CUDA) over the same warm cache, in the same run
-                graphed = _Fast(fast_data, copy.deepcopy(student0).to(device=device, memory_format=fmt).train(),
-                                cache if cache.capturable else live, device, bs, args.seed, amp, args.channels_last,
-                                False, lr, graph=True, teacher=fast_teacher)
-                graphed.epoch(1000, warmup)  # first step eager, capture, replays (untimed)
-            times: Dict[str, List[float]] = {"reference": [], "live": [], "cache": []}
-            if graphed is not None:
-                times["graphed"] = []
-            computed_before_warm = cache.computed
-            lookups_before_warm = cache.lookups
-            for _ in range(repeats):
-                times["reference"].append(_timed(device, lambda: ref.steps(steps)))
-                times["live"].append(_timed(device, lambda: fast_live.epoch(timed_epoch, steps)))
-                times["cache"].append(_timed(device, lambda: fast_cache.epoch(timed_epoch, steps)))
-                if graphed is not None:
-                    times["graphed"].append(_timed(device, lambda: graphed.epoch(timed_epoch, steps)))
-            warm_misses = cache.computed - computed_before_warm
-            warm_lookups = cache.lookups - lookups_before_warm
-            cache_complete = cache.complete
-            cache_dtype = cache.dtype
-            cache.close()
-
-            # the one-time cost of a full fill, timed on a few images and extrapolated
-            fill_root = os.path.join(root, "fill")
-            fill_cache = logit_cache.TeacherLogitCache(
-                fast_teacher, fast_data.train_images, num_classes=dataset.num_classes, live=live,
-                teacher_name=pair[0], dataset_description=dataset.description, device=device, amp=amp,
-                channels_last=args.channels_last, dtype=args.cache_dtype, root=fill_root)
-            k = max(1, min(fill_images, fast_n - 1))
-            fill_cache.fill([0])  # warm-up of the large-batch kernels (untimed)
-            fill = fill_cache.fill(range(1, 1 + k))
-            fill_cache.close()
-        ref.iterator = None  # stop the workers
-
+    student0 = models.create(st["pair"][1])
+    with engine.fast_kernels(device), tempfile.TemporaryDirectory(prefix="kdlib-bench-cache-") as root:
+        t = _time_variants(args, st, dataset, fast_data, teacher, student0, root)
     img = steps * bs
-    ref_img_s = img / statistics.median(times["reference"])
-    live_img_s = img / statistics.median(times["live"])
-    cache_img_s = img / statistics.median(times["cache"])
-    cold_img_s = img / cold
-    views_per_s = fill["views_per_second"]
-    V = logit_cache.num_views(4)
-    fill_seconds = profile_images * V / views_per_s
-    saving_per_image = 1.0 / live_img_s - 1.0 / cache_img_s
-    breakeven_epochs = (V / views_per_s) / saving_per_image if saving_per_image > 0 else float("inf")
-    speedup = cache_img_s / ref_img_s
+    rate = {name: img / statistics.median(v) for name, v in t["times"].items()}
+    views_per_s, V = t["fill"]["views_per_second"], logit_cache.num_views(4)
+    saving = 1.0 / rate["live"] - 1.0 / rate["cache"]
+    breakeven = (V / views_per_s) / saving if saving > 0 else float("inf")
     goal = GOALS.get(device.type)
     result: Dict[str, Any] = {
-        "reference_img_s": ref_img_s,
-        "kdlib_img_s": cache_img_s,
-        "speedup": speedup,
-        "kdlib_live_teacher_img_s": live_img_s,
-        "speedup_live_teacher": live_img_s / ref_img_s,
-        "kdlib_cache_cold_img_s": cold_img_s,
-        "cache_fill_seconds": fill_seconds,
-        "cache_fill_estimated": True,
-        "cache_fill_images": profile_images,
-        "cache_fill_measured_views": fill["views"],
-        "cache_fill_views_per_s": views_per_s,
-        "cache_breakeven_epochs": breakeven_epochs,
-        "cache_breakeven_runs": breakeven_epochs / profile_epochs,
-        "profile": profile,
-        "profile_epochs": profile_epochs,
-        "cache_dtype": cache_dtype,
-        "cache_warmup": warm_mode,
-        "cache_complete_during_timing": cache_complete,
-        "cache_hits_during_timing": (warm_lookups - warm_misses) / max(1, warm_lookups),
-        "cache_cold_misses": cold_misses,
-        "device": device.type,
+        "reference_img_s": rate["reference"], "kdlib_img_s": rate["cache"], "speedup": rate["cache"] / rate["reference"],
+        "kdlib_live_teacher_img_s": rate["live"], "speedup_live_teacher": rate["live"] / rate["reference"],
+        "kdlib_cache_cold_img_s": img / t["cold"], "cache_fill_seconds": st["profile_images"] * V / views_per_s,
+        "cache_fill_estimated": True, "cache_fill_images": st["profile_images"],
+        "cache_fill_measured_views": t["fill"]["views"], "cache_fill_views_per_s": views_per_s,
+        "cache_breakeven_epochs": breakeven, "cache_breakeven_runs": breakeven / st["profile_epochs"],
+        "profile": st["profile"], "profile_epochs": st["profile_epochs"], "cache_dtype": t["cache_dtype"],
+        "cache_warmup": st["warm_mode"], "cache_complete_during_timing": t["cache_complete"],
+        "cache_hits_during_timing": (t["warm_lookups"] - t["warm_misses"]) / max(1, t["warm_lookups"]),
+        "cache_cold_misses": t["cold_misses"], "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "pair": f"{pair[0]}:{pair[1]}",
-        "batch_size": bs,
-        "steps": steps,
-        "repeats": repeats,
-        "warmup": warmup,
-        "reference_workers": args.workers,
-        "amp": amp,
-        "channels_last": bool(args.channels_last),
-        "compile": bool(args.compile and device.type == "cuda"),
-        "dataset": f"{dataset.description}; fast path on the first {fast_n} images",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
+        "pair": ":".join(st["pair"]), "batch_size": bs, "steps": steps, "repeats": st["repeats"],
+        "warmup": st["warmup"], "reference_workers": args.workers, "amp": st["amp"],
+        "channels_last": bool(args.channels_last), "compile": bool(args.compile and device.type == "cuda"),
+        "dataset": f"{dataset.description}; fast path on the first {fast_n} images", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
         "load_before": list(load_before) if load_before else None,
         "load_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "times_s": {k: v for k, v in times.items()},
-        "goal_speedup": goal,
-        "goal_met": (speedup >= goal) if goal else None,
+        "times_s": t["times"], "goal_speedup": goal, "goal_met": (rate["cache"] / rate["reference"] >= goal) if goal else None,
     }
-    if warm_fill is not None:
-        result["cache_warm_fill"] = warm_fill
-    if times.get("graphed"):
-        graphed_img_s = img / statistics.median(times["graphed"])
-        result.update({"kdlib_graphed_img_s": graphed_img_s, "speedup_graphed": graphed_img_s / ref_img_s,
-                       "graphed_vs_eager": graphed_img_s / cache_img_s,
-                       "graphed_teacher": "cache" if graphed.teacher_logits is cache else "live"})
-    if amp_note:
-        result["note"] = amp_note
-    try:
-        import torchvision
+    if "warm_fill" in t:
+        result["cache_warm_fill"] = t["warm_fill"]
+    if "graphed" in rate:
+        result.update({"kdlib_graphed_img_s": rate["graphed"], "speedup_graphed": rate["graphed"] / rate["reference"],
+                       "graphed_vs_eager": rate["graphed"] / rate["cache"], "graphed_teacher": t["graphed_teacher"],
+                       "graphed_counts": t["graphed_counts"]})
+    if st["amp"] == "bf16" and device.type != "cuda":
+        result["note"] = "bf16 autocast on CPU changes numerics; measured as asked"
+    import torchvision
 
-        result["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    result["torchvision"] = torchvision.__version__
     if args.methods:
         result.update(method_overheads(device, bs, dataset.num_classes, seed=args.seed))
     return result

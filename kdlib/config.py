@@ -97,7 +97,7 @@ class RunConfig:
     # (fill as batches need views); full (every view before the first epoch)
     teacher_cache: str = "auto"
     teacher_cache_dtype: str = "auto"  # auto: float32 (exact), bfloat16 under bf16 autocast (lossless); float16
-    # capture the whole training step once as a CUDA graph and replay it (kdlib.engine.step.GraphedStep):
+    # capture the whole training step once as a CUDA graph and replay it (kdlib.engine.capture.GraphedStep):
     # "auto" = on for CUDA, off on CPU; false = eager steps; true on a machine without CUDA is an error.
     # With graph on, teacher_cache=auto fills the cache up front (full) when it fits, because a graph
     # cannot fill a lazy cache (a miss needs the host); an incomplete cache falls back to the live teacher

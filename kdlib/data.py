@@ -574,7 +574,7 @@ def random_crop_flip(images_u8: Tensor, generator: torch.Generator, padding: int
     B, device = images_u8.shape[0], images_u8.device
     offsets = torch.randint(0, 2 * padding + 1, (B, 2), generator=generator, device=device)
     flips = torch.rand(B, generator=generator, device=device) < 0.5
-    return crop_flip(images_u8, offsets, flips, padding), offsets, flips
+    return _crop_flip(images_u8, offsets, flips, padding), offsets, flips  # in range by construction
 
 
 def crop_flip(images_u8: Tensor, offsets: Tensor, flips: Tensor, padding: int = 4) -> Tensor:
@@ -593,6 +593,14 @@ def crop_flip(images_u8: Tensor, offsets: Tensor, flips: Tensor, padding: int = 
     offsets = offsets.to(device=device, dtype=torch.int64)
     if device.type == "cpu" and B and (int(offsets.min()) < 0 or int(offsets.max()) > 2 * padding):
         raise KDLibError(f"crop offsets must lie in 0..{2 * padding}")
+    return _crop_flip(images_u8, offsets, flips, padding)
+
+
+def _crop_flip(images_u8: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """:func:`crop_flip` without the checks, which read the offsets on the host: the training step's
+    path, where the offsets are drawn in range (and the step may be captured as a CUDA graph)."""
+    B, _, H, W = images_u8.shape
+    device = images_u8.device
     padded = F.pad(images_u8, (padding, padding, padding, padding))
     # every possible crop as a view (B, C, 2p+1, 2p+1, H, W); one gather copies the chosen ones
     windows = padded.unfold(2, H, 1).unfold(3, W, 1)

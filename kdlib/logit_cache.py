@@ -9,7 +9,7 @@ pure function, and a table of them replaces the teacher's forward pass in every 
 seed and student distilled from that teacher.
 
 :class:`TeacherLogitCache` has the call signature of :class:`kdlib.teacher_logits.LiveTeacher`
-(``cache(images, views) -> float32 logits (B, C)``), so the engine swaps it in. ``images`` is the
+(``cache(images, keys) -> float32 logits (B, C)``, ``keys`` a :class:`kdlib.teacher_logits.ViewKeys`), so the engine swaps it in. ``images`` is the
 normalised batch the live teacher would have seen; the cache uses it only for views it does not hold yet.
 
 Storage
@@ -256,7 +256,7 @@ def _sized_file(path: Path, size: int) -> None:
 
 # -- the cache ------------------------------------------------------------------------------------
 class TeacherLogitCache:
-    """``cache(images, views) -> float32 logits (B, C)``: the live teacher's logits, computed once per view.
+    """``cache(images, keys) -> float32 logits (B, C)``: the live teacher's logits, computed once per view.
 
     ``teacher`` is the frozen teacher (its weights are hashed for the key); ``train_images`` the uint8
     training images on the training device (``fill`` augments them); ``live`` computes logits of a
@@ -283,14 +283,14 @@ class TeacherLogitCache:
         self.amp, self.channels_last, self.padding = amp, bool(channels_last), int(padding)
         self.dtype = resolve_dtype(dtype, amp)
         self.num_images, self.num_classes = int(train_images.shape[0]), int(num_classes)
-        self.views = num_views(self.padding)
-        self.entries = self.num_images * self.views
+        self.views_per_image = num_views(self.padding)
+        self.entries = self.num_images * self.views_per_image
         self.commit_interval = float(commit_interval)
         self.key = {
             "format": FORMAT, "teacher": teacher_name, "teacher_sha256": teacher_fingerprint(teacher),
             "dataset": dataset_description, "images_sha256": images_fingerprint(train_images),
             "num_images": self.num_images, "image_shape": list(train_images.shape[1:]),
-            "num_classes": self.num_classes, "padding": self.padding, "views": self.views,
+            "num_classes": self.num_classes, "padding": self.padding, "views": self.views_per_image,
             "dtype": self.dtype, "device_type": self.device.type, "amp": amp,
         }
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
@@ -323,7 +323,7 @@ class TeacherLogitCache:
                 _sized_file(self.path / VALUES, values_size)
                 _sized_file(self.path / FLAGS, self.entries)
                 atomic_write_json(self.path / META, {
-                    "key": self.key, "shape": [self.num_images, self.views, self.num_classes],
+                    "key": self.key, "shape": [self.num_images, self.views_per_image, self.num_classes],
                     "values": VALUES, "flags": FLAGS, "byte_order": "little",
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "channels_last": self.channels_last,
@@ -362,15 +362,15 @@ class TeacherLogitCache:
             return None
 
     # -- lookups ----------------------------------------------------------------------------------
-    def __call__(self, images: Tensor, views) -> Tensor:
+    def __call__(self, images: Tensor, keys) -> Tensor:
         """float32 logits (B, C) of the batch's views; missing views go through the live teacher once."""
-        if views is None:
-            raise KDLibError("the teacher-logit cache needs the batch's views (dataset indices, crop offsets, "
-                             "flips); call it as teacher_logits(images, views)")
+        if keys is None:
+            raise KDLibError("the teacher-logit cache needs the keys of the batch's views (dataset indices, crop "
+                             "offsets, flips); call it as teacher_logits(images, keys)")
         from kdlib.data import view_index
 
-        flat = views.indices.to(self.device) * self.views + view_index(views.offsets, views.flips,
-                                                                       self.padding).to(self.device)
+        flat = (keys.indices.to(self.device) * self.views_per_image
+                + view_index(keys.offsets, keys.flips, self.padding).to(self.device))
         self.lookups += int(flat.shape[0])
         if not self._complete:
             miss = torch.nonzero(~self._filled.index_select(0, flat)).squeeze(1)  # one sync per step
@@ -496,7 +496,7 @@ class TeacherLogitCache:
 
         t0 = time.perf_counter()
         self.refresh()
-        V = self.views
+        V = self.views_per_image
         order = torch.arange(self.num_images) if images is None else torch.as_tensor(list(images), dtype=torch.int64)
         done = self._filled.view(self.num_images, V).all(dim=1).cpu()
         todo = order[~done[order]]
@@ -545,7 +545,7 @@ class TeacherLogitCache:
     def info(self) -> Dict[str, Any]:
         """What the run records about its cache (JSON-serialisable)."""
         return {"path": str(self.path), "dtype": self.dtype, "bytes": cache_bytes(
-            self.num_images, self.num_classes, self.padding, self.dtype), "views": self.views,
+            self.num_images, self.num_classes, self.padding, self.dtype), "views": self.views_per_image,
             "filled_at_open": self.filled_at_open / self.entries, "filled": self.filled_fraction(),
             "lookups": self.lookups, "computed": self.computed, "teacher_calls": self.teacher_calls,
             "adopted": self.adopted, "device_copy": self._store is not None and self._store is not self._host,

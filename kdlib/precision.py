@@ -6,6 +6,7 @@ so that they share one definition without importing each other.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -20,14 +21,17 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_amp(amp: str, device, graph: bool = False) -> str:
-    """``amp`` with ``auto`` resolved: ``bf16`` for a CUDA-graphed step and on a CPU with native bf16,
-    ``none`` otherwise.
+def resolve_amp(amp: str, device, graph: bool = False, started: Optional[str] = None) -> str:
+    """``amp`` with ``auto`` resolved, once the execution is decided: ``bf16`` for a CUDA-graphed step and
+    on a CPU with native bf16, ``none`` otherwise (an eager CUDA step among them). ``started``: the
+    precision a resumed run started with on this kind of device; ``auto`` keeps it, so a resume that
+    changes the execution (a graph refused now, or asked off) does not change the numerics mid-run. An
+    explicit ``bf16`` or ``none`` is always taken as asked.
 
-    Why, on CUDA (measured on one H200 by a colleague, ``shared/gpu-notes.md`` section 2; not re-measured
-    for this choice): at batch 64 the eager step is launch-bound and bf16 autocast *adds* launches (the
-    casts), so eager bf16 was slower than eager fp32 (resnet8x4: 4.27-4.76 ms vs 3.74 ms per step); once
-    the whole step is one CUDA graph the launches cost nothing and bf16 was faster (1.11 ms vs 1.42 ms).
+    Why, on CUDA (measured on one H200, batch 64, resnet8x4; not re-measured for this choice): the eager
+    step is launch-bound and bf16 autocast *adds* launches (the casts), so eager bf16 was slower than eager
+    fp32 (4.27-4.76 ms vs 3.74 ms per step); once the whole step is one CUDA graph the launches cost nothing
+    and bf16 was faster (1.11 ms vs 1.42 ms).
 
     Why, on a CPU with native bf16 (measured 2026-11-26 on the 2-core AVX-512-BF16/AMX machine that
     builds the book, smoke profile, resnet8, one thread, two runs side by side): an epoch took 3.5-3.9 s
@@ -37,6 +41,8 @@ def resolve_amp(amp: str, device, graph: bool = False) -> str:
     """
     if amp != "auto":
         return amp
+    if started in ("bf16", "none"):
+        return started
     kind = torch.device(device).type
     if kind == "cuda":
         return "bf16" if graph else "none"

@@ -1,8 +1,8 @@
 """Where a run's teacher logits come from: one small interface, below the engine and the caches.
 
-A *teacher-logit source* is any callable ``source(images, views) -> float32 logits (B, C)``: ``images``
-the normalised batch the student sees, ``views`` which augmented view of which training image each row
-is (:class:`Views`). Two sources exist:
+A *teacher-logit source* is any callable ``source(images, keys) -> float32 logits (B, C)``: ``images``
+the normalised batch the student sees, ``keys`` which augmented view (crop and flip) of which training
+image each row is (:class:`ViewKeys`). Two sources exist:
 
 * :class:`LiveTeacher`: the frozen teacher network run on the batch (no grad, optional bf16 autocast).
 * :class:`kdlib.logit_cache.TeacherLogitCache`: the exact cache of every crop/flip view, which runs the
@@ -27,12 +27,13 @@ from torch import Tensor, nn
 
 from kdlib.precision import autocast
 
-__all__ = ["Views", "TeacherLogits", "TeacherProvider", "LiveTeacher", "is_capturable"]
+__all__ = ["ViewKeys", "TeacherLogits", "TeacherProvider", "LiveTeacher", "is_capturable"]
 
 
 @dataclass
-class Views:
-    """Which augmented view of which training image each row of a batch is (for teacher-logit caches)."""
+class ViewKeys:
+    """Which augmented view (crop offsets and flip) of which training image each row of a batch is: the
+    keys of a teacher-logit cache."""
 
     indices: Tensor  # int64 (B,) dataset indices
     offsets: Tensor  # int64 (B, 2) crop (top, left)
@@ -40,7 +41,7 @@ class Views:
 
 
 class TeacherLogits(Protocol):
-    def __call__(self, images: Tensor, views: Optional[Views]) -> Tensor: ...
+    def __call__(self, images: Tensor, keys: Optional[ViewKeys]) -> Tensor: ...
 
 
 #: ``provider(config, dataset, device, *, progress, verbose) -> (frozen teacher, info)``
@@ -48,14 +49,14 @@ TeacherProvider = Callable[..., Tuple[nn.Module, Dict[str, Any]]]
 
 
 class LiveTeacher:
-    """``teacher_logits(images, views)``: the frozen teacher run on the normalised batch, float32 logits."""
+    """``teacher_logits(images, keys)``: the frozen teacher run on the normalised batch, float32 logits."""
 
     capturable = True  # a forward pass without host reads: fine inside a CUDA graph
 
     def __init__(self, model: nn.Module, device: torch.device, amp: str = "none"):
         self.model, self.device, self.amp = model, device, amp
 
-    def __call__(self, images: Tensor, views: Optional[Views] = None) -> Tensor:
+    def __call__(self, images: Tensor, keys: Optional[ViewKeys] = None) -> Tensor:
         with torch.no_grad(), autocast(self.device, self.amp):
             return self.model(images).float()
 

@@ -152,6 +152,9 @@ def test_metrics_schema_and_consistency(reference):
                                            "standardize": False}
     assert {"torch", "kdlib", "python"} <= set(config["versions"])
     assert "git_commit" in config
+    segment = metrics["segments"][-1]  # what the last bits depend on: threads, precision, CPU and its ISA
+    assert segment["threads"] == torch.get_num_threads() and segment["amp"] in ("none", "bf16")
+    assert segment["machine"] == engine.machine_info()
     assert config["dataset"]["num_classes"] == 100 and len(config["dataset"]["class_names"]) == 100
     assert config["dataset"]["description"].startswith("synthetic")
     teacher = config["teacher"]
@@ -335,12 +338,12 @@ class _Probe(Method):
         assert logits.shape == (10, ctx.num_classes) and logits.dtype == torch.float32
         return {"setup_checked": True}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         assert student_logits.dtype == torch.float32 and teacher_logits.dtype == torch.float32
-        assert batch.indices.shape == targets.shape
+        assert ctx.indices.shape == targets.shape
         self.seen += targets.shape[0]
         loss = torch.nn.functional.cross_entropy(student_logits * self.scale, targets)
-        if self.hparams["nan_at"] == [batch.epoch, batch.step]:
+        if self.hparams["nan_at"] == [ctx.epoch, ctx.step]:
             loss = loss * float("nan")
         return {"loss_ce": loss, "loss_zero": 0.0 * self.scale}
 

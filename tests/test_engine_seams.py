@@ -1,5 +1,6 @@
-"""The engine's seams for methods (S1 progress, S2 epoch hooks, S3 extra views) and the graph option's
-CPU plumbing; the captured step itself is tested on a GPU (tests/test_gpu.py)."""
+"""The engine's seams for methods (progress, epoch hooks, extra views), the graph option's CPU plumbing and
+the execution/precision decision; the simulated capture is tested in tests/test_capture.py, the real one on
+a GPU (tests/test_gpu.py)."""
 from __future__ import annotations
 
 import math
@@ -40,15 +41,15 @@ class _Recorder(Method):
     def start_epoch(self, epoch):
         self.calls.append(("start", epoch))
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
-        self.calls.append(("step", batch.epoch, batch.step))
-        self.progress.append((batch.epoch, batch.step, batch.progress))
-        s_view, t_view = batch.views["mirror"]
-        assert set(batch.views) == {"mirror"}
+    def forward(self, student_logits, teacher_logits, targets, ctx):
+        self.calls.append(("step", ctx.epoch, ctx.step))
+        self.progress.append((ctx.epoch, ctx.step, ctx.progress))
+        s_view, t_view = ctx.extra_logits["mirror"]
+        assert set(ctx.extra_logits) == {"mirror"}
         assert s_view.shape == student_logits.shape and s_view.dtype == torch.float32 and s_view.requires_grad
         assert t_view is not None and not t_view.requires_grad
         with torch.no_grad():  # the live teacher on exactly the declared view of the batch's raw images
-            expected = self.teacher(normalize(self.images.index_select(0, batch.indices).flip(3), True)).float()
+            expected = self.teacher(normalize(self.images.index_select(0, ctx.indices).flip(3), True)).float()
         self.view_errors.append(float((t_view - expected).abs().max()))
         ce = torch.nn.functional.cross_entropy
         return {"loss_ce": ce(student_logits * self.w, targets), "loss_view": 0.5 * ce(s_view, targets)}
@@ -75,15 +76,15 @@ def test_progress_epoch_hooks_and_an_extra_view(recorder, tiny_config):
     metrics = engine.train(tiny_config(method="recorder", teacher_cache="lazy"), progress=False, verbose=False)
     m = recorder[-1]
     steps = math.ceil(400 / 64)  # TINY: 100 classes x 4 images
-    # S2: start_epoch before the epoch's first step, end_epoch after its last
+    # start_epoch before the epoch's first step, end_epoch after its last
     expected = []
     for e in (1, 2):
         expected += [("start", e)] + [("step", e, s) for s in range(steps)] + [("end", e)]
     assert m.calls == expected
-    # S1: progress = (epoch - 1) + (step + 1) / steps; the last step of epoch e gives exactly e
+    # progress = (epoch - 1) + (step + 1) / steps; the last step of epoch e gives exactly e
     assert [p for _, _, p in m.progress] == [(e - 1) + (s + 1) / steps for e, s, _ in m.progress]
     assert m.progress[steps - 1][2] == 1.0 and m.progress[-1][2] == 2.0
-    # S3: the teacher's logits of the extra view are the live teacher's on that view (not the cache's)
+    # the teacher's logits of the extra view are the live teacher's on that view (not the cache's)
     assert max(m.view_errors) < 1e-5
     assert "loss_view" in metrics["history"][0] and metrics["history"][0]["loss_view"] > 0
 
@@ -134,23 +135,22 @@ def test_amp_auto_is_bf16_only_for_a_graphed_cuda_step():
     assert engine.resolve_amp("bf16", torch.device("cpu")) == "bf16"
 
 
-@pytest.mark.parametrize("method", ["aekt", "cwkd"])
-def test_graph_protocol_simulated_on_cpu_matches_eager(method, tiny_config, tmp_path, monkeypatch):
-    """The graph-mode loop on CPU, capture left out (kdlib.engine.step.GraphedStep's simulation): fused SGD
-    with the learning rate as a tensor, one generator re-seeded per epoch, static indices and progress,
-    sums kept on the device and reset in place, warm-up steps undone in place, the last partial batch
-    eager. It must train like the eager loop: if the warm-up were not undone, or the learning rate (the
-    milestone after epoch 1) or the sums not carried, the histories would differ by far more than the
-    float32-vs-float64 rounding of the learning rate (fused SGD's tensor) allows (rtol 1e-4)."""
-    from kdlib.engine import run as engine_run
-
-    cfg = dict(method=method, epochs=2, milestones=[1], teacher_cache="off")  # graph mode would fill it: slow on CPU
-    eager = engine.train(tiny_config(**cfg, out=str(tmp_path / "eager")), progress=False, verbose=False)
-    monkeypatch.setattr(engine_run, "resolve_graph", lambda graph, device: True)
-    graphed = engine.train(tiny_config(**cfg, out=str(tmp_path / "graphed")), progress=False, verbose=False)
-    assert graphed["segments"][-1]["graph"] is True and eager["segments"][-1]["graph"] is False
-    for g, e in zip(graphed["history"], eager["history"]):
-        assert g["lr"] == e["lr"]
-        for key in ("train_loss", "train_acc", "test_loss"):
-            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (method, g["epoch"], key)
-        assert g["method"].keys() == e["method"].keys()
+def test_precision_is_chosen_after_the_graph_decision_and_kept_on_a_resume():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    decide = engine.decide_execution
+    assert (decide("auto", "auto", cuda).graph, decide("auto", "auto", cuda).amp) == (True, "bf16")
+    # a graph the method refuses: eager CUDA steps, and then fp32, not the graph's bf16
+    refused = decide("auto", "auto", cuda, method="m", graph_safe=False)
+    assert (refused.graph, refused.amp) == (False, "none") and "graph_safe = False" in refused.notes[0]
+    assert decide("auto", "auto", cuda, compile=True).amp == "none"
+    assert decide(False, "auto", cuda).amp == "none" and decide(False, "bf16", cuda).amp == "bf16"
+    # a resume that changes the execution keeps the precision the run started with, unless asked
+    started = [{"device": "cuda:0", "amp": "bf16", "graph": True}]
+    kept = decide(False, "auto", cuda, previous_segments=started)
+    assert (kept.graph, kept.amp) == (False, "bf16") and "started with" in kept.notes[0]
+    assert decide(False, "none", cuda, previous_segments=started).amp == "none"
+    assert decide("auto", "auto", cuda, previous_segments=[{"device": "cuda", "amp": "none"}]).amp == "none"
+    # on a CPU nothing changes: amp=auto is bf16 where the CPU has native bf16, the graph is off
+    plain = decide("auto", "auto", cpu)
+    assert (plain.graph, plain.amp, plain.notes) == (False, engine.resolve_amp("auto", cpu), [])
+    assert decide("auto", "auto", cpu, previous_segments=[{"device": "cuda", "amp": "bf16"}]).amp == plain.amp

@@ -43,6 +43,8 @@ def _markdown(nb):
     return [c for c in nb.cells if c.cell_type == "markdown"]
 
 
+@pytest.mark.slow  # the tiny KD chapter executed
+@pytest.mark.xdist_group("lab")
 def test_lab_copy_has_no_book_only_syntax_and_every_value_filled_in(lab_dir):
     import nbformat
 
@@ -77,6 +79,8 @@ def test_lab_values_are_what_the_kernel_glued():
     assert course.format_value({"text/plain": "'a sentence'"}, "") == "a sentence"
 
 
+@pytest.mark.slow  # the tiny KD chapter executed
+@pytest.mark.xdist_group("lab")
 def test_a_changed_lab_copy_is_kept(lab_dir, tiny_chapters, capsys):
     import nbformat
 
@@ -196,6 +200,7 @@ def _wait(driver, condition, seconds, what):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lab")
 def test_chapter_reads_right_in_jupyterlab_and_its_checks_run(jupyterlab, browser, lab_dir):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -14,7 +14,7 @@ import torch
 
 from kdlib import logit_cache, models
 from kdlib.data import crop_flip, make_synthetic, normalize, random_crop_flip, view_index
-from kdlib.engine import LiveTeacher, Views, epoch_generator
+from kdlib.engine import LiveTeacher, ViewKeys, epoch_generator
 from kdlib.errors import KDLibError
 from kdlib.logit_cache import TeacherLogitCache, num_views, view_params
 
@@ -61,7 +61,7 @@ def _batches(dataset, epochs=(1,), bs=64, channels_last=True, seed=0):
         for s in range(0, N, bs):
             idx = perm[s:s + bs]
             views_u8, offsets, flips = random_crop_flip(dataset.train_images.index_select(0, idx), aug)
-            yield normalize(views_u8, channels_last), Views(idx, offsets, flips)
+            yield normalize(views_u8, channels_last), ViewKeys(idx, offsets, flips)
 
 
 def _flat(views):
@@ -109,7 +109,7 @@ def test_full_fill_equals_the_live_teacher_on_sampled_views(setting, tmp_path):
     x = normalize(crop_flip(dataset.train_images[idx], offsets, flips), True)
     calls = Counting(teacher)
     cache.live = calls
-    assert torch.equal(cache(x, Views(idx, offsets, flips)), LiveTeacher(teacher, torch.device("cpu"))(x))
+    assert torch.equal(cache(x, ViewKeys(idx, offsets, flips)), LiveTeacher(teacher, torch.device("cpu"))(x))
     assert calls.calls == 0
     cache.close()
 
@@ -290,7 +290,7 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from kdlib import models
     from kdlib.data import make_synthetic, normalize, random_crop_flip
-    from kdlib.engine import Views, epoch_generator
+    from kdlib.engine import ViewKeys, epoch_generator
     from kdlib.logit_cache import TeacherLogitCache
     root, how = sys.argv[1], sys.argv[2]
     dataset = make_synthetic(train_per_class=2, test_per_class=1, seed=3)
@@ -308,7 +308,7 @@ _CHILD = textwrap.dedent("""
     for step, s in enumerate(range(0, 200, 64)):
         idx = perm[s:s + 64]
         v, o, f = random_crop_flip(dataset.train_images.index_select(0, idx), aug)
-        cache(normalize(v, True), Views(idx, o, f))
+        cache(normalize(v, True), ViewKeys(idx, o, f))
         if step == 0:
             cache.commit()  # the first batch is flagged; the others are written but never flagged
     os._exit(0)  # a crash: no commit, no close

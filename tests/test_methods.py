@@ -119,16 +119,43 @@ def test_dkd_per_pair_beta():
 
 
 # -- CWKD ---------------------------------------------------------------------------------------------
-def test_cwkd_with_gamma_zero_is_kd_and_epoch_one_is_kd():
+def cwkd_hard_set_weights(z, y, num_hard):
+    """Default CWKD's per-sample weights, computed here from its definition: the ``num_hard`` seen classes
+    of lowest training accuracy (ties to the lower class) count twice, normalised to a batch mean of 1."""
+    correct = (z.argmax(dim=1) == y).double()
+    seen = sorted(set(y.tolist()))
+    accuracy = {c: correct[y == c].mean().item() for c in seen}
+    hard = sorted(seen, key=lambda c: (accuracy[c], c))[:num_hard]
+    w = torch.tensor([2.0 if c in hard else 1.0 for c in y.tolist()])
+    return w / w.mean(), hard
+
+
+def test_cwkd_is_kd_with_gamma_zero_and_in_epoch_one_then_weights_its_hard_classes():
     kd = build("kd")
+    w, hard = cwkd_hard_set_weights(S, Y, num_hard=3)
+    assert 0 < int(sum(w > 1)) < len(Y)  # the batch holds hard and easy samples: the weights matter
     for hp in ({"gamma_h": 0.0}, {"gamma_h": 0.0, "weighting": "soft", "apply_to_ce": True}, {}):
         m = build("cwkd", num_hard=3, **hp)
         for epoch in (1, 2, 3):
             a, b = m(S, T_, Y, step(epoch)), kd(S, T_, Y, step(epoch))
+            torch.testing.assert_close(a["loss_ce"], b["loss_ce"])  # CE is never weighted by default
             if hp or epoch == 1:
                 torch.testing.assert_close(a["loss_kd"], b["loss_kd"])
-                torch.testing.assert_close(a["loss_ce"], b["loss_ce"])
+            else:  # defaults from epoch 2: the hard set of the epoch before (same batch) weighs twice
+                expected = 0.9 * (w * L.kl_divergence(S, T_, 4.0) * 16.0).mean()
+                torch.testing.assert_close(a["loss_kd"], expected)
+                assert not torch.allclose(a["loss_kd"], b["loss_kd"])
+                assert m.end_epoch(epoch)["hard_classes"] == hard
+                continue
             m.end_epoch(epoch)
+
+
+def test_the_cwkd_default_check_fails_when_hard_classes_are_not_weighted(monkeypatch):
+    from kdlib.methods.cwkd import CWKD
+
+    monkeypatch.setattr(CWKD, "_refresh", lambda self, stat, valid: None)  # the hard set is never found
+    with pytest.raises(AssertionError):
+        test_cwkd_is_kd_with_gamma_zero_and_in_epoch_one_then_weights_its_hard_classes()
 
 
 def crafted_batch(wrong_class=3):

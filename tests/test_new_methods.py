@@ -31,8 +31,8 @@ def labels(seed, b=B, c=C):
     return torch.randint(0, c, (b,), generator=torch.Generator().manual_seed(seed))
 
 
-def ctx(epoch=1, views=None):
-    return StepContext(epoch=epoch, step=0, steps_per_epoch=1, epochs=240, views=dict(views or {}))
+def ctx(epoch=1, extra_logits=None):
+    return StepContext(epoch=epoch, step=0, steps_per_epoch=1, epochs=240, extra_logits=dict(extra_logits or {}))
 
 
 def total(terms):
@@ -215,27 +215,37 @@ def mlkd_paper_ref(sw, tw, ss, ts, y, ce_w=0.1, kd_w=0.9):
 def test_mlkd_released_code_loss_value_and_gradient(b):
     sw, tw, ss, ts, y = logits(3, b=b), logits(4, b=b), logits(5, b=b), logits(6, b=b), labels(7, b=b)
     m = build("mlkd")
-    assert m.hparams == {"ce_weight": 0.1, "kd_weight": 0.9, "variant": "code", "standardize": False}
-    got = total(m(sw, tw, y, ctx(views={"strong": (ss, ts)})))
-    assert got.item() == pytest.approx(mlkd_code_ref(sw, tw, ss, ts, y).item(), rel=1e-12)
-    for which in (0, 1):  # gradient w.r.t. the weak and the strong student logits
-        def fn(z, which=which):
-            a, s_ = (z, ss) if which == 0 else (sw, z)
-            return total(m(a, tw, y, ctx(views={"strong": (s_, ts)})))
+    assert m.hparams == {"ce_weight": 0.1, "kd_weight": 0.9, "temperature": 4.0, "variant": "code",
+                         "standardize": False, "standardize_levels": "instance"}
+    assert_mlkd_matches(m, mlkd_code_ref, sw, tw, ss, ts, y)
 
-        def ref(z, which=which):
-            a, s_ = (z, ss) if which == 0 else (sw, z)
-            return mlkd_code_ref(a, tw, s_, ts, y)
-        torch.testing.assert_close(grad_of(fn, (sw, ss)[which]), grad_of(ref, (sw, ss)[which]),
+
+def assert_mlkd_matches(m, ref, sw, tw, ss, ts, y):
+    """The loss of ``m`` equals ``ref``'s in value and in its gradients w.r.t. both views' student logits."""
+    got = total(m(sw, tw, y, ctx(extra_logits={"strong": (ss, ts)})))
+    assert got.item() == pytest.approx(ref(sw, tw, ss, ts, y).item(), rel=1e-12)
+    for which in (0, 1):  # gradient w.r.t. the weak and the strong student logits
+        def views(z, which=which):
+            return (z, ss) if which == 0 else (sw, z)
+
+        def fn(z):
+            a, s_ = views(z)
+            return total(m(a, tw, y, ctx(extra_logits={"strong": (s_, ts)})))
+
+        def expected(z):
+            a, s_ = views(z)
+            return ref(a, tw, s_, ts, y)
+        torch.testing.assert_close(grad_of(fn, (sw, ss)[which]), grad_of(expected, (sw, ss)[which]),
                                    rtol=1e-9, atol=1e-12)
+    return got
 
 
 def test_mlkd_paper_variant_and_its_difference_from_the_code():
     sw, tw, ss, ts = logits(3), logits(4), logits(5), logits(6)
     m = build("mlkd", variant="paper")
-    got = total(m(sw, tw, Y, ctx(views={"strong": (ss, ts)})))
+    got = total(m(sw, tw, Y, ctx(extra_logits={"strong": (ss, ts)})))
     assert got.item() == pytest.approx(mlkd_paper_ref(sw, tw, ss, ts, Y).item(), rel=1e-12)
-    code = total(build("mlkd")(sw, tw, Y, ctx(views={"strong": (ss, ts)})))
+    code = total(build("mlkd")(sw, tw, Y, ctx(extra_logits={"strong": (ss, ts)})))
     assert abs(code.item() - got.item()) > 1e-3
 
 
@@ -281,11 +291,12 @@ def test_standardize_matches_the_ls_code_and_the_kd_loss():
 def test_standardized_kd_terms_ignore_row_shifts_and_scales(name):
     shift = torch.linspace(-5, 5, B, dtype=torch.float64)[:, None]
     scale = torch.linspace(0.5, 3.0, B, dtype=torch.float64)[:, None]
-    m = build(name, standardize=True).double()
+    extra = {"standardize_levels": "all"} if name == "mlkd" else {}  # kdlib's reading: every level z-scored
+    m = build(name, standardize=True, **extra).double()
     views = {"strong": (logits(5), logits(6))}
     moved_views = {"strong": (logits(5) * scale + shift, logits(6) * 2.0 - shift)}
-    a = m(S, T, Y, ctx(views=views))
-    b = m(S * scale + shift, T * 2.0 - shift, Y, ctx(views=moved_views))
+    a = m(S, T, Y, ctx(extra_logits=views))
+    b = m(S * scale + shift, T * 2.0 - shift, Y, ctx(extra_logits=moved_views))
     for key in a:
         if key != "loss_ce":  # the cross-entropy stays on the raw logits
             assert b[key].item() == pytest.approx(a[key].item(), rel=1e-6, abs=1e-9), key
@@ -299,8 +310,38 @@ def test_ls_settings_per_pair():
     dkd = ls_settings("dkd", "resnet56", "resnet20", dkd_beta=2.0)
     assert (dkd["alpha"], dkd["beta"], dkd["temperature"], dkd["ce_weight"]) == (9.0, 18.0, 2.0, 1.0)
     build("dkd", **dkd)  # valid hyperparameters
+    assert ls_settings("mlkd", "resnet32x4", "resnet8x4") == {"standardize": True, "temperature": 2.0,
+                                                              "kd_weight": 9.0, "standardize_levels": "instance"}
     with pytest.raises(KDLibError, match="logit standardisation"):
         ls_settings("dist", "resnet56", "resnet20")
+
+
+def mlkd_ls_ref(sw, tw, ss, ts, y, base_t=2.0, ce_w=0.1, kd_w=9.0):
+    """The LS authors' MLKD.py run with ``--logit-stand --base-temp 2 --kd-weight 9``: the configuration's
+    temperature replaces the first of (4, 3, 5, 2, 6), the others are written into the code; the z-score
+    (unbiased std + 1e-7) happens inside the instance (KD) terms only, the class and batch terms read the
+    raw logits; every term weighs kd_weight; masks from numpy percentiles of the raw weak teacher."""
+    pw = softmax(tw).detach().numpy()
+    conf, cconf = pw.max(1), pw.sum(0)
+    mask = torch.tensor(conf <= np.percentile(conf, 50), dtype=torch.float64)
+    cmask = torch.tensor(cconf <= np.percentile(cconf, 50), dtype=torch.float64)
+    z = zscore_ref
+    loss = ce_w * (ce(sw, y) + ce(ss, y))
+    for k, t in enumerate([base_t, 3.0, 5.0, 2.0, 6.0]):
+        strong = (ss, ts) if k < 3 else (sw, tw)
+        loss = loss + kd_w * (kd_ref(z(sw), z(tw), t) * mask).mean() + kd_w * kd_ref(z(strong[0]), z(strong[1]), t)
+        loss = loss + kd_w * (cc_ref(sw, tw, t) * cmask).mean() + kd_w * (bc_ref(sw, tw, t) * mask).mean()
+    return loss
+
+
+@pytest.mark.parametrize("b", [16, 15])
+def test_mlkd_with_logit_standardisation_is_the_ls_authors_code(b):
+    sw, tw, ss, ts, y = logits(3, b=b), logits(4, b=b), logits(5, b=b), logits(6, b=b), labels(7, b=b)
+    m = build("mlkd", **ls_settings("mlkd", "resnet32x4", "resnet8x4"))
+    got = assert_mlkd_matches(m, mlkd_ls_ref, sw, tw, ss, ts, y)
+    # kdlib's own reading (every level z-scored) is another loss, and a labelled variant
+    every = build("mlkd", **{**ls_settings("mlkd", "resnet32x4", "resnet8x4"), "standardize_levels": "all"})
+    assert abs(total(every(sw, tw, y, ctx(extra_logits={"strong": (ss, ts)}))).item() - got.item()) > 1e-3
 
 
 # -- CLKD: the default (methods.md 3.2's equations + StreamLined L_cc) and the StreamLined code exactly ---

@@ -225,6 +225,7 @@ def test_every_page_renders_offline_in_chromium(html_book, browser):
     assert not problems, "\n".join(problems[:40]) + (f"\n... {len(problems) - 40} more" if len(problems) > 40 else "")
 
 
+@pytest.mark.slow  # the built book: every chapter executed, then Sphinx
 def test_the_built_book_carries_its_math_renderer(html_book):
     """MathJax is inside the book and every page refers to the local copy, never to a CDN."""
     assert (html_book / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000

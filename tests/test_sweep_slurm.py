@@ -38,14 +38,17 @@ def _cluster_reason() -> str:
         return ""
     # not started by .ci/run: start it here when this machine has Slurm installed and we are root
     if shutil.which("slurmctld") and subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0":
-        subprocess.run([str(ROOT / "tests/slurm/cluster.sh"), "start"], capture_output=True, timeout=300)
+        # under a lock: the two pytest-xdist workers both import this module
+        subprocess.run(["flock", "/var/tmp/kdlib-slurm-start.lock", str(ROOT / "tests/slurm/cluster.sh"), "start"],
+                       capture_output=True, timeout=300)
         if _sinfo_answers():
             return ""
     return "no Slurm cluster answers `sinfo` (start one with: sudo tests/slurm/cluster.sh start)"
 
 
 REASON = _cluster_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON)]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON),
+              pytest.mark.xdist_group("slurm")]  # one cluster: its tests run one after another
 
 #: one CPU per task (two at once on 2 cores), no GPU, a few minutes at most
 SLURM = dict(gpus=0, cpus=1, time_min=10)

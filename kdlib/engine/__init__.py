@@ -5,12 +5,13 @@ A package of parts, each with one job, importing only downwards (``tests/test_im
 | module | job |
 |---|---|
 | :mod:`~kdlib.engine.run` | prepare a run: config, resume or refuse, data, teacher-logit source, student, method, optimizer |
-| :mod:`~kdlib.engine.step` | the training step, from the uint8 dataset to the optimizer step; its CUDA-graph capture |
+| :mod:`~kdlib.engine.step` | the training step, from the shuffle to the epoch's sums, read top to bottom; the steps of an epoch |
+| :mod:`~kdlib.engine.capture` | the step's CUDA-graph capture and replay (simulated off CUDA), and the check of what a graph cannot hold |
 | :mod:`~kdlib.engine.loop` | :func:`train`: epochs, learning rate, signals, evaluation, checkpoints and records |
 | :mod:`~kdlib.engine.evaluate` | batched predictions and test metrics |
 | :mod:`~kdlib.engine.rundir` | the run directory's files, identity, checkpoints |
 | :mod:`~kdlib.engine.rng` | per-epoch generators seeded by (seed, epoch), RNG snapshots |
-| :mod:`~kdlib.engine.device` | device, autocast, cuDNN autotuning, determinism, ``graph`` resolution |
+| :mod:`~kdlib.engine.device` | device, execution and precision (graph, then amp), cuDNN autotuning, determinism |
 
 One loop for all methods (the method turns logits into named loss terms; the engine has no
 ``if method == ...``), on any device:
@@ -32,7 +33,11 @@ One loop for all methods (the method turns logits into named loss terms; the eng
   learning rate of epoch ``e`` being ``lr * lr_decay ** #(milestones < e)`` (mdistiller's
   ``adjust_learning_rate``).
 * On CUDA (``graph=auto``) the whole step is captured once as a CUDA graph and replayed
-  (:class:`~kdlib.engine.step.GraphedStep`); the last partial batch of an epoch runs eagerly.
+  (:class:`~kdlib.engine.capture.GraphedStep`); the last partial batch of an epoch runs eagerly. A capture
+  that fails does not stop the run: it steps eagerly on from the same state, and ``metrics.json`` records
+  why, with the number of captures, replays and eager steps of each segment. The graph is freed when its
+  run ends. The precision follows the execution: ``amp=auto`` is bf16 for a graphed CUDA step, fp32 for
+  an eager one (bf16 on a CPU with native bf16), and a resumed run keeps the precision it started with.
 * Losses and accuracy are summed on the device and read once per epoch. A non-finite loss stops the
   run with a :class:`~kdlib.errors.KDLibError` naming the epoch and step; the checkpoint of the last
   good epoch stays.
@@ -65,19 +70,20 @@ checkpoint, ``metrics.json`` says ``"status": "interrupted"`` and :class:`Traini
 """
 from __future__ import annotations
 
-from kdlib.engine.device import (autocast, compile_student, fast_kernels, resolve_amp, resolve_device,
-                                 resolve_graph)
+from kdlib.engine.capture import CaptureHazard, GraphedStep, check_capture_safety, live_graphs
+from kdlib.engine.device import (Execution, autocast, compile_student, decide_execution, fast_kernels, machine_info, resolve_amp,
+                                 resolve_device, resolve_graph)
 from kdlib.engine.evaluate import evaluate, predict
 from kdlib.engine.loop import TrainingInterrupted, lr_at, progress_at, train
 from kdlib.engine.rng import epoch_generator, seed_everything
 from kdlib.engine.rundir import (ARTIFACTS, CHECKPOINT, CONFUSION, METRICS, PREVIOUS_CHECKPOINT,
                                  SCHEMA_VERSION, STUDENT, read_checkpoint)
-from kdlib.engine.step import (EpochSums, GraphedStep, TrainingStep, check_extra_views, make_batch,
-                               train_step)
-from kdlib.teacher_logits import LiveTeacher, Views
+from kdlib.engine.step import EpochLoop, EpochSums, TrainingStep, check_extra_views, make_optimizer
+from kdlib.teacher_logits import LiveTeacher, ViewKeys
 
-__all__ = ["train", "lr_at", "progress_at", "evaluate", "predict", "LiveTeacher", "Views",
-           "TrainingInterrupted", "make_batch", "train_step", "TrainingStep", "GraphedStep", "EpochSums", "check_extra_views",
-           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast",
+__all__ = ["train", "lr_at", "progress_at", "evaluate", "predict", "LiveTeacher", "ViewKeys",
+           "TrainingInterrupted", "TrainingStep", "EpochLoop", "EpochSums", "make_optimizer", "check_extra_views",
+           "GraphedStep", "CaptureHazard", "check_capture_safety", "live_graphs", "Execution", "decide_execution",
+           "compile_student", "fast_kernels", "resolve_device", "resolve_amp", "resolve_graph", "autocast", "machine_info",
            "epoch_generator", "seed_everything", "read_checkpoint", "METRICS", "CHECKPOINT",
            "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT", "SCHEMA_VERSION"]

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -20,14 +19,15 @@ from kdlib import config as kconfig
 from kdlib.engine import rundir
 from kdlib.engine.device import deterministic, fast_kernels
 from kdlib.engine.evaluate import evaluate
-from kdlib.engine.rng import STREAM_AUGMENT, STREAM_SHUFFLE, STREAM_VIEWS, epoch_generator, rng_state
+from kdlib.engine.rng import rng_state
 from kdlib.engine.run import Run, open_run, optimizer_state, prepare
-from kdlib.engine.step import EpochSums, GraphedStep
+from kdlib.engine.step import EpochLoop
 from kdlib.errors import KDLibError
 from kdlib.io import atomic_torch_save, atomic_write, atomic_write_json
+from kdlib.methods.base import progress_at
 from kdlib.teacher_logits import TeacherProvider
 
-__all__ = ["train", "lr_at", "progress_at", "TrainingInterrupted", "run_epochs", "finish"]
+__all__ = ["train", "lr_at", "progress_at", "set_learning_rate", "TrainingInterrupted", "run_epochs", "finish"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -47,11 +47,6 @@ def lr_at(epoch: int, base_lr: float, milestones, decay: float) -> float:
     """Learning rate of ``epoch`` (from 1): ``base_lr * decay ** #(milestones < epoch)``."""
     steps = sum(1 for m in milestones if epoch > m)
     return base_lr * (decay ** steps) if steps > 0 else base_lr
-
-
-def progress_at(epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Training progress in epochs including this step (seam S1): the last step of epoch e gives e."""
-    return (epoch - 1) + (step + 1) / steps_per_epoch
 
 
 @contextlib.contextmanager
@@ -109,163 +104,112 @@ def train(config: kconfig.RunConfig, progress: bool = True, *, verbose: bool = T
         return finish(run)
 
 
-class _Stepper:
-    """Runs the steps of an epoch: eagerly, or by replaying the captured graph of the full batch size."""
-
-    def __init__(self, run: Run):
-        from kdlib.methods.base import StepContext
-
-        self.run = run
-        cfg, device = run.opening.cfg, run.opening.device
-        self.N = int(run.dataset.train_images.shape[0])
-        self.bs = cfg.batch_size
-        self.steps = max(1, math.ceil(self.N / self.bs))
-        self.graph = run.graph
-        self.graphed: Optional[GraphedStep] = None
-        self.views = bool(run.step.extra_views)
-        if self.graph:
-            # one generator per stream for the whole run, re-seeded by (seed, epoch) in place: the graph
-            # holds on to the generator objects it was captured with
-            self.aug = torch.Generator(device=device)
-            self.view_gen = torch.Generator(device=device) if self.views else None
-            self.sums = EpochSums(device)
-            self.ctx = StepContext(epoch=0, step=0, steps_per_epoch=self.steps, epochs=cfg.epochs,
-                                   progress=torch.zeros((), dtype=torch.float32, device=device))
-
-    def start_epoch(self, epoch: int):
-        cfg, device = self.run.opening.cfg, self.run.opening.device
-        perm = torch.randperm(self.N, generator=epoch_generator(cfg.seed, epoch, STREAM_SHUFFLE)).to(device)
-        if self.graph:
-            seed_of = lambda stream: epoch_generator(cfg.seed, epoch, stream).initial_seed()  # noqa: E731
-            self.aug.manual_seed(seed_of(STREAM_AUGMENT))
-            if self.view_gen is not None:
-                self.view_gen.manual_seed(seed_of(STREAM_VIEWS))
-            self.sums.reset()
-            return perm, self.sums
-        self.aug = epoch_generator(cfg.seed, epoch, STREAM_AUGMENT, device=device)
-        self.view_gen = epoch_generator(cfg.seed, epoch, STREAM_VIEWS, device=device) if self.views else None
-        return perm, EpochSums(device)
-
-    def __call__(self, epoch: int, step: int, idx: Tensor, sums: EpochSums) -> None:
-        from kdlib.methods.base import StepContext
-
-        run, cfg = self.run, self.run.opening.cfg
-        progress = progress_at(epoch, step, self.steps)
-        full = int(idx.shape[0]) == self.bs
-        if self.graph and full and (self.graphed is not None or run.optimizer.state):
-            if self.graphed is None:  # resumed, warmed up: capture once, now (the momentum buffers exist)
-                self.ctx.epoch, self.ctx.step = epoch, step
-                self.ctx.progress.fill_(progress)
-                self.graphed = GraphedStep(run.step, self.sums, self.bs, self.aug, self.view_gen, self.ctx,
-                                           first_indices=idx)
-            self.graphed.replay(idx, step, progress)
-            return
-        # eager: CPU, graph=false, the run's very first step (it creates the momentum buffers a fused
-        # SGD capture needs) and the last partial batch of an epoch (never padded: BatchNorm would see it)
-        ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=self.steps, epochs=cfg.epochs, indices=idx,
-                          progress=progress)
-        run.step(idx, self.aug, ctx, sums, self.view_gen)
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The epoch's learning rate, in place where it is a tensor (a captured step reads that tensor)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def run_epochs(run: Run, stop: Dict[str, Optional[int]], stop_after_epoch: Optional[int]) -> Optional[Dict]:
     """Train from ``run.start_epoch`` to the last epoch; returns the metrics when paused, else None."""
-    opening, cfg = run.opening, run.opening.cfg
-    out, log, name, metrics = opening.out, opening.log, opening.label, run.metrics
-    metrics_path, ckpt_path = opening.metrics_path, opening.ckpt_path
-    student, method, optimizer, cache = run.student, run.method, run.optimizer, run.cache
-    dataset, C, eval_bs = run.dataset, run.dataset.num_classes, cfg.eval_batch_size
-    channels_last, amp = bool(cfg.channels_last), opening.amp
-    stepper = _Stepper(run)
-    N, bs, steps = stepper.N, stepper.bs, stepper.steps
-    history, best = run.history, run.best
+    opening, cfg, metrics = run.opening, run.opening.cfg, run.metrics
+    loop = EpochLoop(run.step, seed=cfg.seed, batch_size=cfg.batch_size, epochs=cfg.epochs, graph=run.graph,
+                     log=lambda message: opening.log(f"[{opening.label}] {message}"))
     run.last_eval = None
-    epoch_bar = _bar(opening.bars, total=cfg.epochs, initial=run.start_epoch - 1, desc=name, unit="epoch")
+    epoch_bar = _bar(opening.bars, total=cfg.epochs, initial=run.start_epoch - 1, desc=opening.label, unit="epoch")
     try:
         for epoch in range(run.start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(epoch, cfg.lr, cfg.milestones, cfg.lr_decay)
-            for group in optimizer.param_groups:
-                if isinstance(group["lr"], Tensor):
-                    group["lr"].fill_(lr)  # the graph reads this tensor at every replay
-                else:
-                    group["lr"] = lr
-            student.train()
-            method.train()
-            if run.teacher is not None:
-                run.teacher.eval()
-            method.start_epoch(epoch)  # outside any graph; state changes in place (seam S2)
-            perm, sums = stepper.start_epoch(epoch)
-            batch_bar = _bar(opening.bars, total=steps, desc=f"epoch {epoch}", unit="batch", leave=False)
-            for step in range(steps):
-                stepper(epoch, step, perm[step * bs:(step + 1) * bs], sums)
-                if batch_bar is not None:
-                    batch_bar.update(1)
-                if stop["signum"] is not None:
-                    break
-            if batch_bar is not None:
-                batch_bar.close()
-            if stop["signum"] is not None:
-                raise TrainingInterrupted(stop["signum"], epoch, str(out))
-
-            # -- once per epoch: read the sums, check them, evaluate, record ------------------------
-            if cache is not None:
-                cache.commit()  # this epoch's new entries become visible to every other run
-                metrics["segments"][-1]["teacher_cache"] = {
-                    k: v for k, v in cache.info().items() if k in ("filled", "lookups", "computed", "adopted")}
-            epoch_sums = sums.read()  # the epoch's one host synchronisation
-            bad_step = epoch_sums.pop("bad_step")
-            if bad_step >= 0:
-                message = (f"non-finite loss (nan/inf) at epoch {epoch}, step {bad_step} of run {out}; "
-                           f"the checkpoint of epoch {epoch - 1} is kept. Lower the learning rate or "
-                           f"check the method's hyperparameters")
-                metrics.update(status="failed", error=message)
-                atomic_write_json(metrics_path, metrics)
-                raise KDLibError(message)
-            train_seconds = time.perf_counter() - t0
-            row: Dict[str, Any] = {"epoch": epoch, "lr": lr, **epoch_sums}
-            last_eval = evaluate(student, dataset.test_images, dataset.test_labels, C, eval_bs, channels_last, amp)
-            run.last_eval = last_eval
-            row.update({k: last_eval[k] for k in ("test_acc", "test_acc5", "test_loss", "per_class_acc")})
-            row["method"] = rundir.jsonable(method.end_epoch(epoch) or {})
-            row["epoch_seconds"] = time.perf_counter() - t0
-            row["train_seconds"] = train_seconds
-            row["images_per_second"] = N / train_seconds if train_seconds > 0 else float("nan")
-            history.append(row)
-            if row["test_acc"] > best["test_acc"]:
-                best = {"test_acc": row["test_acc"], "epoch": epoch}
-                run.best = best
-
-            rundir.keep_previous_checkpoint(ckpt_path)
-            atomic_torch_save(ckpt_path, {
-                "epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
-                "optimizer": optimizer_state(optimizer), "scheduler": {"epoch": epoch, "lr": lr},
-                "best": best, "history": history, "rng": rng_state(), "identity": opening.identity})
-            metrics["history"] = history
-            metrics["best"] = best
-            atomic_write_json(metrics_path, metrics)
-            log(f"[{name}] epoch {epoch}/{cfg.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
-                f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% "
-                f"(best {best['test_acc']:.2f}% @ {best['epoch']}) {row['epoch_seconds']:.1f}s "
-                f"{row['images_per_second']:.0f} img/s")
+            row = _train_epoch(run, loop, epoch, stop)
+            _record_epoch(run, loop, epoch, row)
             if epoch_bar is not None:
                 epoch_bar.update(1)
             if stop["signum"] is not None:
-                raise TrainingInterrupted(stop["signum"], epoch + 1, str(out))
-            if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.epochs:
+                raise TrainingInterrupted(stop["signum"], epoch + 1, str(opening.out))
+            if stop_after_epoch is not None and stop_after_epoch <= epoch < cfg.epochs:
                 metrics["status"] = "paused"
-                atomic_write_json(metrics_path, metrics)
-                log(f"[{name}] paused after epoch {epoch} (run again to continue)")
+                atomic_write_json(opening.metrics_path, metrics)
+                opening.log(f"[{opening.label}] paused after epoch {epoch} (run again to continue)")
                 return metrics
     except TrainingInterrupted:
         metrics["status"] = "interrupted"
-        atomic_write_json(metrics_path, metrics)
+        metrics["segments"][-1].update(loop.counts())
+        atomic_write_json(opening.metrics_path, metrics)
         raise
     finally:
         if epoch_bar is not None:
             epoch_bar.close()
-        if cache is not None:
-            cache.close()
+        if run.cache is not None:
+            run.cache.close()
+        loop.release()
     return None
+
+
+def _train_epoch(run: Run, loop: EpochLoop, epoch: int, stop: Dict[str, Optional[int]]) -> Dict[str, Any]:
+    """The epoch's steps; returns the start of its history row (learning rate, train sums, times)."""
+    opening, cfg, metrics = run.opening, run.opening.cfg, run.metrics
+    t0 = time.perf_counter()
+    lr = lr_at(epoch, cfg.lr, cfg.milestones, cfg.lr_decay)
+    set_learning_rate(run.optimizer, lr)
+    run.student.train()
+    run.method.train()
+    if run.teacher is not None:
+        run.teacher.eval()
+    run.method.start_epoch(epoch)  # outside any graph; state changes in place
+    batch_bar = _bar(opening.bars, total=loop.steps_per_epoch, desc=f"epoch {epoch}", unit="batch", leave=False)
+    sums = loop.run_epoch(epoch, stop=stop, on_step=batch_bar.update if batch_bar is not None else None)
+    if batch_bar is not None:
+        batch_bar.close()
+    if stop["signum"] is not None:
+        raise TrainingInterrupted(stop["signum"], epoch, str(opening.out))
+    if run.cache is not None:
+        run.cache.commit()  # this epoch's new entries become visible to every other run
+        metrics["segments"][-1]["teacher_cache"] = {
+            k: v for k, v in run.cache.info().items() if k in ("filled", "lookups", "computed", "adopted")}
+    epoch_sums = sums.read()  # the epoch's one host synchronisation
+    bad_step = epoch_sums.pop("bad_step")
+    if bad_step >= 0:
+        message = (f"non-finite loss (nan/inf) at epoch {epoch}, step {bad_step} of run {opening.out}; "
+                   f"the checkpoint of epoch {epoch - 1} is kept. Lower the learning rate or "
+                   f"check the method's hyperparameters")
+        metrics.update(status="failed", error=message)
+        metrics["segments"][-1].update(loop.counts())
+        atomic_write_json(opening.metrics_path, metrics)
+        raise KDLibError(message)
+    return {"epoch": epoch, "lr": lr, **epoch_sums, "_t0": t0, "_train_seconds": time.perf_counter() - t0}
+
+
+def _record_epoch(run: Run, loop: EpochLoop, epoch: int, row: Dict[str, Any]) -> None:
+    """Evaluate, then the epoch's history row, checkpoint and ``metrics.json``, and the log line."""
+    opening, cfg, metrics = run.opening, run.opening.cfg, run.metrics
+    t0, train_seconds = row.pop("_t0"), row.pop("_train_seconds")
+    dataset, student = run.dataset, run.student
+    last_eval = evaluate(student, dataset.test_images, dataset.test_labels, dataset.num_classes,
+                         cfg.eval_batch_size, bool(cfg.channels_last), opening.amp)
+    run.last_eval = last_eval
+    row.update({k: last_eval[k] for k in ("test_acc", "test_acc5", "test_loss", "per_class_acc")})
+    row["method"] = rundir.jsonable(run.method.end_epoch(epoch) or {})
+    row["epoch_seconds"] = time.perf_counter() - t0
+    row["train_seconds"] = train_seconds
+    row["images_per_second"] = loop.num_images / train_seconds if train_seconds > 0 else float("nan")
+    run.history.append(row)
+    if row["test_acc"] > run.best["test_acc"]:
+        run.best = {"test_acc": row["test_acc"], "epoch": epoch}
+    rundir.keep_previous_checkpoint(opening.ckpt_path)
+    atomic_torch_save(opening.ckpt_path, {
+        "epoch": epoch, "student": student.state_dict(), "method": run.method.state_dict(),
+        "optimizer": optimizer_state(run.optimizer), "scheduler": {"epoch": epoch, "lr": row["lr"]},
+        "best": run.best, "history": run.history, "rng": rng_state(), "identity": opening.identity})
+    metrics["history"], metrics["best"] = run.history, run.best
+    metrics["segments"][-1].update(loop.counts())
+    atomic_write_json(opening.metrics_path, metrics)
+    best = run.best
+    opening.log(f"[{opening.label}] epoch {epoch}/{cfg.epochs} lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
+                f"train {row['train_acc']:.2f}% test {row['test_acc']:.2f}% "
+                f"(best {best['test_acc']:.2f}% @ {best['epoch']}) {row['epoch_seconds']:.1f}s "
+                f"{row['images_per_second']:.0f} img/s")
 
 
 def finish(run: Run) -> Dict[str, Any]:

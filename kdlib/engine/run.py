@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from kdlib import config as kconfig
 from kdlib import logit_cache
 from kdlib.engine import rundir
-from kdlib.engine.device import compile_student, resolve_amp, resolve_device, resolve_graph
+from kdlib.engine.capture import graph_blockers
+from kdlib.engine.device import compile_student, decide_execution, machine_info, resolve_device
 from kdlib.engine.evaluate import predict
 from kdlib.engine.rng import seed_everything, set_rng_state
-from kdlib.engine.step import TrainingStep, check_extra_views, graph_blockers
+from kdlib.engine.step import TrainingStep, check_extra_views, make_optimizer
 from kdlib.errors import KDLibError
 from kdlib.teacher_logits import LiveTeacher, TeacherProvider
 
@@ -67,11 +68,12 @@ class Opening:
     ckpt: Optional[Dict[str, Any]]  # the checkpoint to resume from
     finished: Optional[Dict[str, Any]]  # metrics of a finished run: nothing to do
     device: torch.device
-    graph: bool
-    amp: str
+    graph: bool  # the step will be captured (decided with the method and compile; see decide_execution)
+    amp: str  # the student's precision, chosen after the graph decision
     log: Logger
     label: str
     bars: bool
+    execution_notes: List[str] = field(default_factory=list)  # why the graph is off, why amp was kept
 
     @property
     def metrics_path(self) -> Path:
@@ -100,12 +102,10 @@ def open_run(config: kconfig.RunConfig, *, progress: bool, verbose: bool,
     log = Logger(verbose, bars)
     name = label(cfg)
     device = resolve_device(cfg.device)
-    graph = resolve_graph(getattr(cfg, "graph", "auto"), device)
-    amp = resolve_amp(cfg.amp, device, graph)
-    opening = Opening(cfg, out, identity, None, None, None, device, graph, amp, log, name, bars)
-
     previous = rundir.read_metrics_file(metrics_path) if metrics_path.is_file() else None
-    opening.previous = previous
+    execution = _execution(cfg, device, previous)
+    opening = Opening(cfg, out, identity, previous, None, None, device, execution.graph, execution.amp, log, name,
+                      bars, execution.notes)
     if previous is not None:
         differences = rundir.diff(rundir.identity_from_metrics(previous), identity)
         if differences:
@@ -128,6 +128,16 @@ def open_run(config: kconfig.RunConfig, *, progress: bool, verbose: bool,
     opening.ckpt = ckpt
     rundir.check_writable(out)
     return opening
+
+
+def _execution(cfg: kconfig.RunConfig, device: torch.device, previous: Optional[Dict[str, Any]]):
+    """Graph and precision of this segment: :func:`kdlib.engine.device.decide_execution`."""
+    from kdlib import methods
+
+    method = methods.get(cfg.method)
+    return decide_execution(getattr(cfg, "graph", "auto"), cfg.amp, device, method=cfg.method,
+                            graph_safe=bool(getattr(method, "graph_safe", True)), compile=bool(cfg.compile),
+                            previous_segments=(previous or {}).get("segments", []))
 
 
 @dataclass
@@ -155,17 +165,6 @@ def _default_provider() -> TeacherProvider:
     import kdlib
 
     return kdlib.default_teacher_provider
-
-
-def _make_optimizer(params, cfg, graph: bool, device):
-    if graph:
-        # fused SGD reads a float32 device tensor as the learning rate at run time: the rate can change
-        # between epochs without re-capture (the foreach/for-loop paths would read it on the host)
-        lr = torch.tensor(float(cfg.lr), dtype=torch.float32, device=device)
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=False, fused=True), lr
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=False), None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
@@ -228,8 +227,9 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
         num_classes=C, student=student, teacher=teacher, train_images=dataset.train_images,
         train_labels=dataset.train_labels, predict=predict_fn, device=device, epochs=cfg.epochs)) or {}
     graph = opening.graph
-    optimizer, lr_tensor = _make_optimizer(list(student.parameters()) + list(method.parameters()), cfg, graph,
-                                           device)
+    optimizer = make_optimizer(list(student.parameters()) + list(method.parameters()), lr=cfg.lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, graph=graph, device=device)
+    lr_tensor = optimizer.param_groups[0]["lr"] if graph else None
     forward_student = compile_student(student, device, cfg.compile)
     if cfg.compile and forward_student is student:
         log(f"[{name}] compile=true ignored on {device.type}: torch.compile is slower than eager on CPUs")
@@ -264,9 +264,11 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     step = TrainingStep(images_u8=dataset.train_images, labels=dataset.train_labels, forward=forward_student,
                         method=method, optimizer=optimizer, teacher_logits=teacher_logits, teacher=teacher,
                         device=device, amp=amp, channels_last=channels_last, teacher_amp=teacher_amp)
+    for note in opening.execution_notes:  # why the graph is off, why the precision was kept
+        log(f"[{name}] {note}")
     if graph:
         blockers = graph_blockers(method, teacher_logits, bool(cfg.compile))
-        if blockers:
+        if blockers:  # the teacher-logit source (method and compile were decided before anything was built)
             log(f"[{name}] graph mode off, eager steps: {'; '.join(blockers)}")
             graph = False
 
@@ -310,6 +312,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "start_epoch": run.start_epoch, "device": str(device), "amp": amp,
             "channels_last": channels_last, "threads": torch.get_num_threads(),
-            "host": platform.node(), "graph": graph}],
+            "host": platform.node(), "graph": graph, "machine": machine_info(), "execution_notes": list(opening.execution_notes),
+            "graph_captures": 0, "graph_replays": 0, "eager_steps": 0, "graph_fallback": None}],
     }
     return run

@@ -1,53 +1,45 @@
-"""One training step, from the uint8 dataset on the device to the optimizer step; and its CUDA-graph capture.
+"""One training step, from the uint8 dataset on the device to the epoch's sums; the steps of an epoch.
 
-Follow one batch through :meth:`TrainingStep.__call__`:
+Follow an epoch through :meth:`EpochLoop.run_epoch`, then one batch through :meth:`TrainingStep.__call__`:
 
-1. ``indices`` (int64 on the device, a slice of the epoch's permutation) select rows of the uint8
-   training images and labels (``index_select``: a gather on the device, no host copy);
-2. :func:`kdlib.data.random_crop_flip` draws a crop offset and a flip per image from the epoch's
-   augmentation generator and cuts the views (uint8), then :meth:`TrainingStep.normalize` turns them into
-   float32 ``(x/255 - mean)/std`` (mean/std are device tensors made once: creating them from Python
-   lists every step would be a host-to-device copy, forbidden inside a graph);
-3. each *extra view* a method declares (``Method.extra_views``, e.g. MLKD's strong augmentation) is cut
-   from the same raw images with the epoch's view generator;
-4. the student's forward (bf16 autocast if ``amp``), logits cast to float32;
-5. the teacher's logits from the run's source (:mod:`kdlib.teacher_logits`: the live teacher, or the exact
-   cache); on extra views always the live teacher (the cache covers only the normal view);
-6. the method turns the logits into named loss terms (it reads the schedule from ``ctx.progress``), the
-   engine sums them;
-7. ``zero_grad``, backward, ``optimizer.step()``;
-8. the epoch's sums (loss, terms, correct predictions, first non-finite step) accumulate on the device.
+1. **shuffle**: a permutation of the training set drawn from a CPU generator seeded by (seed, epoch),
+   moved to the device once per epoch; each step takes the next ``batch_size`` indices of it;
+2. **batch**: the rows of the uint8 training images and labels (``index_select``: a gather on the device,
+   no host copy); a crop offset and a flip per image drawn from the epoch's augmentation generator
+   (:func:`kdlib.data.random_crop_flip`), then float32 ``(x/255 - mean)/std`` with the statistics made once
+   on the device; each *extra view* a method declares (``Method.extra_views``, e.g. MLKD's strong
+   augmentation) is cut from the same raw images with the epoch's view generator;
+3. **forward**: the student (bf16 autocast if ``amp``), logits cast to float32;
+4. **teacher logits**: from the run's source (:mod:`kdlib.teacher_logits`: the live teacher, or the exact
+   cache keyed by the crop and flip); on extra views always the live teacher (the cache covers only the
+   normal view); then the student on each extra view;
+5. **loss**: the method turns the logits into named loss terms (it reads the schedule from
+   ``ctx.progress``), the engine sums them;
+6. **backward** and 7. **optimizer**: ``zero_grad``, ``backward``, ``optimizer.step()``;
+8. **epoch sums**: loss, terms, correct predictions and the first non-finite step accumulate on the device,
+   read once per epoch.
 
-The same function runs eagerly (CPU, or ``graph=false``) and is captured once per shape into a CUDA graph
-(:class:`GraphedStep`), so the graphed step cannot drift from the eager one.
+The same function runs eagerly (CPU, ``graph=false``, the first step of a run, the last partial batch)
+and is captured once into a CUDA graph and replayed (:class:`kdlib.engine.capture.GraphedStep`, a thin
+wrapper around it), so the graphed step cannot drift from the eager one. A capture that fails does not
+stop the run: the loop logs why, records it and steps eagerly on from the same state.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from kdlib.engine.capture import GraphedStep
 from kdlib.engine.device import autocast
+from kdlib.engine.rng import STREAM_AUGMENT, STREAM_SHUFFLE, STREAM_VIEWS, epoch_generator
 from kdlib.errors import KDLibError
-from kdlib.teacher_logits import LiveTeacher, Views, is_capturable
+from kdlib.methods.base import StepContext, progress_at
+from kdlib.teacher_logits import LiveTeacher, ViewKeys
 
-__all__ = ["make_batch", "EpochSums", "train_step", "TrainingStep", "GraphedStep", "graph_blockers",
-           "live_graphs"]
-
-
-# -- the pieces --------------------------------------------------------------------------------------
-def make_batch(images_u8: Tensor, labels: Tensor, indices: Tensor, generator: torch.Generator,
-               channels_last: bool = False):
-    """The augmented, normalised batch of ``indices``: ``(x float32, y int64, Views)``.
-
-    Random crop + flip drawn from ``generator`` (on the images' device), then the CIFAR-100 normalisation.
-    """
-    from kdlib.data import normalize, random_crop_flip
-
-    views_u8, offsets, flips = random_crop_flip(images_u8.index_select(0, indices), generator)
-    x = normalize(views_u8, channels_last)  # the layout changes on uint8: same values, a quarter of the bytes
-    return x, labels.index_select(0, indices), Views(indices, offsets, flips)
+__all__ = ["EpochSums", "TrainingStep", "EpochLoop", "make_optimizer", "check_extra_views"]
 
 
 class EpochSums:
@@ -100,40 +92,18 @@ class EpochSums:
         return out
 
 
-def train_step(forward: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               views: Optional[Views], teacher_logits: Optional[Callable[[Tensor, Views], Tensor]], ctx, *,
-               device: torch.device, amp: str = "none", sums: Optional[EpochSums] = None,
-               extra: Optional[Dict[str, Tensor]] = None, view_teacher: Optional[Callable] = None,
-               step=None, cache_autocast: bool = True) -> Tensor:
-    """One SGD step on a prepared batch: student forward (autocast if ``amp``), float32 logits to the
-    method, the sum of its terms, backward, optimizer step, epoch sums.
-
-    ``extra`` maps extra-view names to their normalised batches; the student and ``view_teacher`` (the
-    live teacher) run on each and the method receives ``ctx.views[name] = (student, teacher logits)``.
-    """
-    with autocast(device, amp, cache_autocast):
-        s_logits = forward(x)
-    s_logits = s_logits.float()
-    t_logits = teacher_logits(x, views) if teacher_logits is not None else None
-    if extra:
-        ctx.views = {}
-        for name, xv in extra.items():
-            with autocast(device, amp, cache_autocast):
-                sv = forward(xv)
-            ctx.views[name] = (sv.float(), view_teacher(xv, None) if view_teacher is not None else None)
-    terms = method(s_logits, t_logits, y, ctx)
-    if not terms:
-        raise KDLibError(f"method {getattr(method, 'name', type(method).__name__)!r} returned no loss terms")
-    loss = sum(terms.values())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if sums is not None:
-        sums.add(loss, terms, s_logits, y, ctx.step if step is None else step)
-    return loss
+def make_optimizer(params, *, lr: float, momentum: float, weight_decay: float, graph: bool,
+                   device) -> torch.optim.Optimizer:
+    """SGD (no Nesterov) over ``params``. For a captured step: fused SGD with the learning rate as a
+    float32 device tensor, which the fused kernel reads at run time, so the rate can change between
+    epochs without a new capture (the foreach/for-loop paths would read a tensor rate on the host)."""
+    if graph:
+        rate = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        return torch.optim.SGD(params, lr=rate, momentum=momentum, weight_decay=weight_decay, nesterov=False,
+                               fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
 
 
-# -- the step of a run ---------------------------------------------------------------------------------
 def check_extra_views(method: nn.Module, teacher: Optional[nn.Module], images: Optional[Tensor]) -> None:
     """Refuse, before training, a method whose extra views this run cannot make: a view is cut from the raw
     uint8 training images, and a method that uses a teacher needs the live teacher network on it (teacher
@@ -153,7 +123,8 @@ def check_extra_views(method: nn.Module, teacher: Optional[nn.Module], images: O
 class TrainingStep:
     """Everything one step of a run needs, built once: data on the device, networks, method, optimizer.
 
-    ``step(indices, generator, ctx, sums)`` runs one batch (see the module docstring for its path).
+    ``step(indices, generator, ctx, sums, view_generator, step_number)`` runs one batch (the module
+    docstring follows it); ``step_number`` is a device tensor when captured (else ``ctx.step`` is used).
     """
 
     def __init__(self, *, images_u8: Tensor, labels: Tensor, forward: nn.Module, method: nn.Module,
@@ -178,140 +149,161 @@ class TrainingStep:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return views_u8.contiguous(memory_format=fmt).float().div_(255).sub_(self.mean).div_(self.std)
 
-    def batch(self, indices: Tensor, generator: torch.Generator, view_generator: Optional[torch.Generator] = None):
-        """``(x, y, views, extra)`` of ``indices``: the augmented, normalised batch and its extra views."""
+    def state_tensors(self) -> List[Tensor]:
+        """Every tensor a step changes (weights, statistics, method state, optimizer state): what a capture
+        restores in place after its warm-up steps."""
+        modules = [self.method, self.forward]
+        tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
+        return tensors + [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+    def __call__(self, indices: Tensor, generator: torch.Generator, ctx: StepContext,
+                 sums: Optional[EpochSums] = None, view_generator: Optional[torch.Generator] = None,
+                 step_number: Optional[Tensor] = None) -> Tensor:
         from kdlib.data import random_crop_flip
 
+        # 2. batch: the rows, a crop and flip each, normalised; the extra views cut from the same rows
         raw = self.images_u8.index_select(0, indices)
         views_u8, offsets, flips = random_crop_flip(raw, generator)
-        x = self.normalize(views_u8)
-        extra = {}
-        for name, make_view in self.extra_views.items():
-            view = make_view(raw, view_generator if view_generator is not None else generator)
-            if view.dtype != torch.uint8 or view.shape != raw.shape:
-                raise KDLibError(f"extra view {name!r} must return uint8 {tuple(raw.shape)}, got "
-                                 f"{view.dtype} {tuple(view.shape)}")
-            extra[name] = self.normalize(view)
-        return x, self.labels.index_select(0, indices), Views(indices, offsets, flips), extra
+        x, y = self.normalize(views_u8), self.labels.index_select(0, indices)
+        view_generator = generator if view_generator is None else view_generator
+        extra = {name: self._extra_view(name, make_view, raw, view_generator)
+                 for name, make_view in self.extra_views.items()}
+        # 3. forward: the student, float32 logits
+        with autocast(self.device, self.amp, self.cache_autocast):
+            s_logits = self.forward(x)
+        s_logits = s_logits.float()
+        # 4. teacher logits from the run's source; the live teacher and the student on each extra view
+        keys = ViewKeys(indices, offsets, flips)
+        t_logits = self.teacher_logits(x, keys) if self.teacher_logits is not None else None
+        if extra:
+            ctx.extra_logits = {name: self._extra_logits(xv) for name, xv in extra.items()}
+        # 5. loss: the method's named terms, summed
+        terms = self.method(s_logits, t_logits, y, ctx)
+        if not terms:
+            raise KDLibError(f"method {getattr(self.method, 'name', type(self.method).__name__)!r} returned no "
+                             f"loss terms")
+        loss = sum(terms.values())
+        # 6. backward, 7. optimizer
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # 8. epoch sums, on the device
+        if sums is not None:
+            sums.add(loss, terms, s_logits, y, ctx.step if step_number is None else step_number)
+        return loss
 
-    def __call__(self, indices: Tensor, generator: torch.Generator, ctx, sums: Optional[EpochSums] = None,
-                 view_generator: Optional[torch.Generator] = None, step=None) -> Tensor:
-        x, y, views, extra = self.batch(indices, generator, view_generator)
-        return train_step(self.forward, self.method, self.optimizer, x, y, views, self.teacher_logits, ctx,
-                          device=self.device, amp=self.amp, sums=sums, extra=extra,
-                          view_teacher=self.view_teacher, step=step, cache_autocast=self.cache_autocast)
+    def _extra_view(self, name: str, make_view: Callable, raw: Tensor, generator: torch.Generator) -> Tensor:
+        view = make_view(raw, generator)
+        if view.dtype != torch.uint8 or view.shape != raw.shape:
+            raise KDLibError(f"extra view {name!r} must return uint8 {tuple(raw.shape)}, got "
+                             f"{view.dtype} {tuple(view.shape)}")
+        return self.normalize(view)
 
-
-# -- the captured step ------------------------------------------------------------------------------------
-#: every graph captured in this process, kept until exit: destroying a graph can free a cuBLAS workspace
-#: another live graph still uses (PyTorch issue #193402, shared/gpu-notes.md section 3)
-_LIVE_GRAPHS: List[Any] = []
-
-
-def live_graphs() -> int:
-    return len(_LIVE_GRAPHS)
-
-
-def graph_blockers(method: nn.Module, teacher_logits, compile: bool) -> List[str]:
-    """Why the step of this run cannot be captured (empty: it can)."""
-    reasons = []
-    if not getattr(method, "graph_safe", True):
-        reasons.append(f"method {getattr(method, 'name', '?')!r} declares graph_safe = False")
-    if teacher_logits is not None and not is_capturable(teacher_logits):
-        reasons.append("the teacher-logit source cannot run inside a graph")
-    if compile:
-        reasons.append("compile=true (torch.compile's own CUDA graphs do not nest in a captured step)")
-    return reasons
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> List[Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    def _extra_logits(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        with autocast(self.device, self.amp, self.cache_autocast):
+            student = self.forward(x)
+        return student.float(), self.view_teacher(x, None) if self.view_teacher is not None else None
 
 
-class GraphedStep:
-    """One :class:`TrainingStep` of a fixed batch size captured as one CUDA graph, and replayed.
+class EpochLoop:
+    """The steps of a run's epochs: shuffle, then each batch eagerly or by replaying the captured step.
 
-    Static inputs: the batch's dataset indices (``indices``, copied in before each replay), the training
-    progress (``progress``, a float32 0-dim tensor, S1 of the seams) and the step number (for the
-    non-finite check). The learning rate is the fused SGD's float32 device tensor, filled between epochs.
-    The augmentation generators are registered with the graph, so each replay draws new crops and flips.
-
-    Capture protocol (PyTorch's CUDA-graph notes): a few warm-up steps on a side stream (cuDNN picks its
-    algorithms, lazy state is allocated), then every parameter, buffer, optimizer state tensor and
-    generator state is restored *in place* (addresses must not change), then capture on that stream.
-    The caller has already resumed (``load_state_dict`` makes new tensors) and made one real step, so the
-    momentum buffers exist (fused SGD bakes "first step" into the capture).
+    With ``graph``: one generator per random stream for the whole run, re-seeded by (seed, epoch) in place
+    (the graph holds on to the generator objects it was captured with), one :class:`EpochSums` reset per
+    epoch, and a context whose progress is a device tensor. The first full batch after the first step is
+    captured (the momentum buffers a fused-SGD capture needs exist then); if the capture fails, the loop
+    logs why (``fallback``) and steps eagerly on. ``captures``, ``replays`` and ``eager_steps`` count what
+    happened. :meth:`release` frees the graph at the end of the run.
     """
 
-    def __init__(self, step: TrainingStep, sums: EpochSums, batch_size: int, generator: torch.Generator,
-                 view_generator: Optional[torch.Generator], ctx, warmup: int = 3,
-                 first_indices: Optional[Tensor] = None):
-        device = step.device
-        self.step, self.sums, self.batch_size = step, sums, batch_size
-        self.indices = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.step_number = torch.zeros((), dtype=torch.int64, device=device)
-        self.ctx = ctx
-        self.ctx.indices = self.indices
-        if first_indices is not None:  # warm up on a real batch (BatchNorm of one repeated image is odd)
-            self.indices.copy_(first_indices)
-        modules = [step.method, step.forward]
-        tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
-        tensors += _optimizer_tensors(step.optimizer)
-        saved = [t.detach().clone() for t in tensors]
-        generators = [g for g in (generator, view_generator) if g is not None]
-        gen_states = [g.get_state() for g in generators]
-        sums_count, sums_saved = sums.count, {k: t.clone() for k, t in self._sum_tensors().items()}
-        self.generator, self.view_generator = generator, view_generator
-        # off CUDA (tests only): everything but the capture itself, replay = the same step run eagerly on
-        # the static inputs, so the protocol (warm-up, in-place restore, static inputs) is tested on CPU
-        self.simulated = torch.device(device).type != "cuda"
-        step.cache_autocast = False
-        if self.simulated:
-            for _ in range(warmup):
-                step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
-        else:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            torch.cuda.synchronize(device)
-        # the warm-up was not training: put every weight, statistic and state back, in place
-        with torch.no_grad():
-            for t, v in zip(tensors, saved):
-                t.copy_(v)
-            for name, t in self._sum_tensors().items():  # terms first made by the warm-up start at 0
-                t.copy_(sums_saved[name]) if name in sums_saved else t.zero_()
-        sums.count = sums_count
-        for g, s in zip(generators, gen_states):
-            g.set_state(s)
-        self.graph = None
-        if not self.simulated:
-            self.graph = torch.cuda.CUDAGraph()
-            for g in generators:  # each replay then draws new numbers from them (offsets advance)
-                self.graph.register_generator_state(g)
-            with torch.cuda.graph(self.graph, stream=stream):
-                self.loss = step(self.indices, generator, self.ctx, sums, view_generator, step=self.step_number)
-            _LIVE_GRAPHS.append(self.graph)
-            sums.count = sums_count  # the capture ran no arithmetic; replays count (see replay)
-        step.cache_autocast = True  # eager steps (the last partial batch) may use the autocast cache
+    def __init__(self, step: TrainingStep, *, seed: int, batch_size: int, epochs: int, graph: bool,
+                 log: Callable[[str], None] = lambda message: None):
+        self.step, self.seed, self.batch_size, self.epochs, self.log = step, seed, batch_size, epochs, log
+        self.device = step.device
+        self.num_images = int(step.images_u8.shape[0])
+        self.steps_per_epoch = max(1, math.ceil(self.num_images / batch_size))
+        self.graph = graph
+        self.graphed: Optional[GraphedStep] = None
+        self.captures = self.replays = self.eager_steps = 0
+        self.fallback: Optional[str] = None
+        views = bool(step.extra_views)
+        self.persistent = graph
+        if graph:
+            self.augment = torch.Generator(device=self.device)
+            self.view_generator = torch.Generator(device=self.device) if views else None
+            self.sums = EpochSums(self.device)
+            self.ctx = StepContext(epoch=0, step=0, steps_per_epoch=self.steps_per_epoch, epochs=epochs,
+                                   progress=torch.zeros((), dtype=torch.float32, device=self.device))
+        self._has_views = views
 
-    def _sum_tensors(self) -> Dict[str, Tensor]:
-        return {"@loss": self.sums.loss, "@correct": self.sums.correct, "@first_bad": self.sums.first_bad,
-                **self.sums.terms}
+    def start_epoch(self, epoch: int) -> Tuple[Tensor, EpochSums]:
+        """1. shuffle: the epoch's permutation (on the device) and its generators and sums."""
+        perm = torch.randperm(self.num_images, generator=epoch_generator(self.seed, epoch, STREAM_SHUFFLE))
+        perm = perm.to(self.device)
+        if self.persistent:
+            seed_of = lambda stream: epoch_generator(self.seed, epoch, stream).initial_seed()  # noqa: E731
+            self.augment.manual_seed(seed_of(STREAM_AUGMENT))
+            if self.view_generator is not None:
+                self.view_generator.manual_seed(seed_of(STREAM_VIEWS))
+            self.sums.reset()
+            return perm, self.sums
+        self.augment = epoch_generator(self.seed, epoch, STREAM_AUGMENT, device=self.device)
+        self.view_generator = (epoch_generator(self.seed, epoch, STREAM_VIEWS, device=self.device)
+                               if self._has_views else None)
+        return perm, EpochSums(self.device)
 
-    def replay(self, indices: Tensor, step_number: int, progress: float) -> None:
-        """One step on ``indices``: copy the static inputs in (device copies, no sync), replay."""
-        self.indices.copy_(indices)
-        self.step_number.fill_(step_number)
-        if isinstance(self.ctx.progress, Tensor):
-            self.ctx.progress.fill_(progress)
-        if self.simulated:
-            self.step(self.indices, self.generator, self.ctx, self.sums, self.view_generator, step=self.step_number)
-            return
-        self.graph.replay()
-        self.sums.count += self.batch_size
-        counter = getattr(self.step.teacher_logits, "count_lookups", None)
-        if counter is not None:
-            counter(self.batch_size)
+    def run_epoch(self, epoch: int, *, steps: Optional[int] = None, stop: Optional[Dict[str, Any]] = None,
+                  on_step: Optional[Callable[[], None]] = None) -> EpochSums:
+        """The steps of ``epoch`` (all, or the first ``steps``); stops early when ``stop["signum"]`` is set."""
+        perm, sums = self.start_epoch(epoch)
+        bs = self.batch_size
+        for s in range(self.steps_per_epoch if steps is None else min(steps, self.steps_per_epoch)):
+            self.run_step(epoch, s, perm[s * bs:(s + 1) * bs], sums)
+            if on_step is not None:
+                on_step()
+            if stop is not None and stop.get("signum") is not None:
+                break
+        return sums
+
+    def run_step(self, epoch: int, step: int, indices: Tensor, sums: EpochSums) -> None:
+        progress = progress_at(epoch, step, self.steps_per_epoch)
+        full = int(indices.shape[0]) == self.batch_size
+        if self.graph and full and (self.graphed is not None or self.step.optimizer.state):
+            if self.graphed is None:
+                self._capture(epoch, step, indices, progress)
+            if self.graphed is not None:
+                self.graphed.replay(indices, step, progress)
+                self.replays += 1
+                return
+        # eager: CPU, graph=false, the run's very first step (it creates the momentum buffers a fused
+        # SGD capture needs), the last partial batch of an epoch (never padded: BatchNorm would see it),
+        # and every step after a capture that failed
+        ctx = StepContext(epoch=epoch, step=step, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
+                          indices=indices, progress=progress)
+        self.step(indices, self.augment, ctx, sums, self.view_generator)
+        self.eager_steps += 1
+
+    def _capture(self, epoch: int, step: int, indices: Tensor, progress: float) -> None:
+        """Capture the step now (resumed, warmed up); on failure keep the state and step eagerly on."""
+        self.ctx.epoch, self.ctx.step = epoch, step
+        self.ctx.progress.fill_(progress)
+        try:
+            self.graphed = GraphedStep(self.step, state=self.step.state_tensors(), sums=self.sums,
+                                       batch_size=self.batch_size, device=self.device,
+                                       generators=(self.augment, self.view_generator), ctx=self.ctx,
+                                       first_indices=indices)
+            self.captures += 1
+        except Exception as exc:  # noqa: BLE001 - any capture failure: the run goes on eagerly
+            self.graph, self.fallback = False, f"{type(exc).__name__}: {exc}"
+            self.log(f"graph capture failed, eager steps from here (same state): {self.fallback}")
+
+    def counts(self) -> Dict[str, Any]:
+        """What happened, for the run's records: captures, replays, eager steps, the fallback reason."""
+        return {"graph_captures": self.captures, "graph_replays": self.replays, "eager_steps": self.eager_steps,
+                "graph_fallback": self.fallback}
+
+    def release(self) -> None:
+        """Free the captured graph (the end of the run: at most one run's graphs are alive)."""
+        if self.graphed is not None:
+            self.graphed.release()
+            self.graphed = None

@@ -121,7 +121,7 @@ class AEKT(Method):
             return {"serial_layer_classes": ctx.num_classes}
         return {}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         z_cls = as_float(student_logits)
         z_kd = z_cls
         if self.serial is not None:
@@ -142,7 +142,7 @@ class AEKT(Method):
                 self.r_count += r.shape[0]
             else:
                 self._r_epoch.append(r.detach())
-        scale = warmup_factor(batch, self.warmup) * self.temperature**2
+        scale = warmup_factor(ctx, self.warmup) * self.temperature**2
         zero = z_kd.new_zeros(())
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(z_cls, targets),

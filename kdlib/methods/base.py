@@ -4,10 +4,15 @@ A method is a :class:`torch.nn.Module` that turns one batch of logits into named
 terms; the engine sums the terms, back-propagates and logs each one. Everything method-specific lives in
 the method's own file: the engine has no ``if method == ...`` anywhere.
 
-* ``forward(student_logits, teacher_logits, targets, batch)`` returns ``{"loss_ce": ..., "loss_kd": ...}``.
-  ``batch`` is a :class:`StepContext`: the epoch (counted from 1, as in mdistiller, so DKD's warm-up
-  ``min(epoch / 20, 1)`` reads the same), the step, and the dataset indices of the samples (CWKD and
-  DLKD keep per-class or per-sample state).
+* ``forward(student_logits, teacher_logits, targets, ctx)`` returns ``{"loss_ce": ..., "loss_kd": ...}``.
+  ``ctx`` is a :class:`StepContext`: the epoch (counted from 1, as in mdistiller, so DKD's warm-up
+  ``min(epoch / 20, 1)`` reads the same), the step, the training progress, the dataset indices of the
+  samples (CWKD and DLKD keep per-class or per-sample state) and the logits of extra views (MLKD).
+* The step may be captured once as a CUDA graph and replayed: ``forward`` must not read a tensor on the
+  host, branch on a tensor's value or make shapes that depend on data, and must read anything that varies
+  during a run from ``ctx.progress`` or from tensors updated in place. A method that cannot declares
+  ``graph_safe = False`` and its runs step eagerly. ``kdlib.engine.capture.check_capture_safety`` runs
+  one step under a check that names the first offending operation and line.
 * Trainable parts (AEKT's serial C x C layer) are ordinary sub-modules: the engine adds
   ``method.parameters()`` to the optimizer and ``method.state_dict()`` to every checkpoint.
   State that is not a tensor goes through ``get_extra_state``/``set_extra_state``.
@@ -29,6 +34,12 @@ from torch import Tensor, nn
 from kdlib.errors import KDLibError
 
 
+def progress_at(epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Training progress in epochs including this step: ``(epoch - 1) + (step + 1) / steps_per_epoch``
+    (epochs counted from 1, steps from 0); the last step of epoch ``e`` gives exactly ``e``."""
+    return (epoch - 1) + (step + 1) / max(steps_per_epoch, 1)
+
+
 @dataclass
 class StepContext:
     """Where the engine is when it asks a method for its loss."""
@@ -38,17 +49,18 @@ class StepContext:
     steps_per_epoch: int
     epochs: int
     indices: Optional[Tensor] = None  # dataset indices of the batch's samples (int64, on the device)
-    #: training progress in epochs including this step, ``(epoch - 1) + (step + 1) / steps_per_epoch``
-    #: (the last step of epoch e gives e): a float eagerly, a 0-dim float32 device tensor updated in place
-    #: before every replay in CUDA-graph mode. Anything that varies during a run is computed from it (or
-    #: from buffers), never from ``epoch``/``step``, which a captured graph freezes.
+    #: training progress in epochs including this step (:func:`progress_at`): a float eagerly, a 0-dim
+    #: float32 device tensor updated in place before every replay in CUDA-graph mode. Anything that varies
+    #: during a run is computed from it (or from buffers), never from ``epoch``/``step``, which a captured
+    #: graph freezes.
     progress: Union[float, Tensor, None] = None
-    #: extra views the method declared (``Method.extra_views``): name -> (student logits, teacher logits)
-    views: Dict[str, Tuple[Tensor, Optional[Tensor]]] = field(default_factory=dict)
+    #: the logits of the extra views the method declared (``Method.extra_views``):
+    #: view name -> (student logits, teacher logits)
+    extra_logits: Dict[str, Tuple[Tensor, Optional[Tensor]]] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.progress is None:  # callers that predate the field: the progress of this step
-            self.progress = (self.epoch - 1) + (self.step + 1) / max(self.steps_per_epoch, 1)
+        if self.progress is None:  # the progress of this step
+            self.progress = progress_at(self.epoch, self.step, self.steps_per_epoch)
 
     @property
     def global_step(self) -> int:
@@ -77,9 +89,10 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: the hyperparameters and their defaults, in the order the book's tables show them
     defaults: ClassVar[Dict[str, Any]] = {}
-    #: extra augmented views (seam S3): name -> ``fn(images_u8 (B,3,32,32) uint8 un-augmented,
-    #: generator) -> uint8 (B,3,32,32)``. The engine runs the student and the live teacher on each and
-    #: passes ``batch.views[name] = (student_logits, teacher_logits)``.
+    #: extra augmented views: name -> ``fn(images_u8 (B,3,32,32) uint8 un-augmented, generator) ->
+    #: uint8 (B,3,32,32)``. The engine runs the student and the live teacher on each and passes
+    #: ``ctx.extra_logits[name] = (student_logits, teacher_logits)``. The function runs inside the step,
+    #: so it must be capturable too (tensor operations on the whole batch, no host reads).
     extra_views: ClassVar[Dict[str, Callable]] = {}
     #: False when ``forward`` cannot be captured in a CUDA graph (it reads a tensor on the host, or its
     #: shapes depend on data); the engine then runs this method's steps eagerly and says so in the log
@@ -128,7 +141,7 @@ class Method(nn.Module):
         return {}
 
     def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor,
-                batch: StepContext) -> Dict[str, Tensor]:
+                ctx: StepContext) -> Dict[str, Tensor]:
         raise NotImplementedError
 
     def start_epoch(self, epoch: int) -> None:
@@ -187,19 +200,18 @@ def check_choice(name: str, value: Any, choices) -> Any:
     return value
 
 
-def warmup_progress(batch: Any) -> Any:
-    """Training progress in epochs including the current step: ``(epoch - 1) + (step + 1) / steps_per_epoch``.
+def warmup_progress(ctx: Any) -> Any:
+    """Training progress in epochs including the current step (:func:`progress_at`).
 
-    ``batch.progress`` when the engine provides it (a float, or a 0-dim tensor in CUDA-graph mode);
-    computed from the :class:`StepContext` otherwise; a bare epoch number (the old call) stands for the end of
-    that epoch. The last step of epoch ``e`` has progress exactly ``e``.
+    ``ctx.progress`` when the engine provides it (a float, or a 0-dim tensor in CUDA-graph mode);
+    computed from the :class:`StepContext` otherwise; a bare epoch number stands for the end of that epoch.
     """
-    progress = getattr(batch, "progress", None)
+    progress = getattr(ctx, "progress", None)
     if progress is not None:
         return progress
-    if isinstance(batch, StepContext):
-        return (batch.epoch - 1) + (batch.step + 1) / batch.steps_per_epoch
-    return batch  # an epoch number
+    if isinstance(ctx, StepContext):
+        return progress_at(ctx.epoch, ctx.step, ctx.steps_per_epoch)
+    return ctx  # an epoch number
 
 
 def warmup_by_epoch(warmup_epochs: float) -> bool:
@@ -215,17 +227,17 @@ def warmup_by_epoch(warmup_epochs: float) -> bool:
     return w >= 2 and w.is_integer()
 
 
-def warmup_factor(batch: Any, warmup_epochs: float) -> Any:
+def warmup_factor(ctx: Any, warmup_epochs: float) -> Any:
     """The distillation weight's linear warm-up, ``min(progress / W, 1)`` (0 disables it).
 
-    ``batch``: a :class:`StepContext` (or anything with ``progress``), or an epoch number counted from 1.
+    ``ctx``: a :class:`StepContext` (or anything with ``progress``), or an epoch number counted from 1.
     By epoch (``progress`` rounded up to whole epochs, the papers' ``min(e / 20, 1)``) when
     :func:`warmup_by_epoch` says so, else per step. A tensor progress (CUDA graphs) gives a tensor: the
     choice between the two rules depends on ``W`` only, never on the data.
     """
     if warmup_epochs <= 0:
         return 1.0
-    progress = warmup_progress(batch)
+    progress = warmup_progress(ctx)
     if isinstance(progress, Tensor):
         p = torch.ceil(progress) if warmup_by_epoch(warmup_epochs) else progress
         return torch.clamp(p / float(warmup_epochs), max=1.0)

@@ -67,7 +67,7 @@ class CLKD(Method):
             raise KDLibError(f"corr={self.corr!r} applies to variant='recon' only; the streamlined variant "
                              f"has its own correlation term")
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         z = as_float(student_logits)
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(z, targets),

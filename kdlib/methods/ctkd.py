@@ -57,7 +57,7 @@ class CTKD(Method):
         """The temperature the next step uses (through the reversal layer: its gradient is reversed)."""
         return self.t_start + self.t_end * torch.sigmoid(scale_gradient(self.theta, self.reversal))
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         t = self.temperature()
         self.last_temperature.copy_(t.detach())
         zs, zt = maybe_standardize(student_logits, teacher_logits, self.standardize)

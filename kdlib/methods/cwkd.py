@@ -123,7 +123,7 @@ class CWKD(Method):
         self._refresh(correct / seen.clamp(min=1), seen > 0)
         return self._summary()
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         z = as_float(student_logits)
         self._ensure_state(z.shape[1], z.device)
         if self.statistic != "teacher_acc":

@@ -33,7 +33,7 @@ class DIST(Method):
         self.beta = check_nonnegative("beta", hp["beta"])
         self.gamma = check_nonnegative("gamma", hp["gamma"])
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         inter, intra = dist_terms(student_logits, teacher_logits, self.temperature)
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),

@@ -55,10 +55,10 @@ class DKD(Method):
         self.warmup = check_nonnegative("warmup", self.hparams["warmup"])
         self.standardize = check_bool("standardize", self.hparams["standardize"])
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         zs, zt = maybe_standardize(student_logits, teacher_logits, self.standardize)
         parts = dkd_parts(zs, zt, targets, self.temperature)
-        scale = warmup_factor(batch, self.warmup) * self.temperature**2
+        scale = warmup_factor(ctx, self.warmup) * self.temperature**2
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),
             "loss_tckd": scale * self.alpha * parts.tckd.mean(),

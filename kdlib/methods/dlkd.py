@@ -11,7 +11,7 @@ sibling R2KD code and the level mapping (2 / 4 / 6, 20 % quantiles) the sibling 
 ``setup`` deep-copies the teacher, prunes every Conv2d and Linear weight (``pruning="layerwise"``:
 ``l1_unstructured`` per layer; ``"global"``: ``global_unstructured`` over all of them) at ``pruning_ratio``,
 makes it permanent, and scores every (un-augmented) training image once; the difficulties and
-temperatures are buffers indexed by dataset index (``batch.indices``). Mapping, with hard -> high T for
+temperatures are buffers indexed by dataset index (``ctx.indices``). Mapping, with hard -> high T for
 ``direction="hard_high"`` (``"inverse"`` swaps):
 
 * ``mode="levels"``: :math:`d < Q(q)` (easy) -> T_low = 2, :math:`d > Q(1-q)` (hard) -> T_high = 6, else
@@ -125,7 +125,7 @@ class DLKD(Method):
         d = prediction_difficulty(teacher_logits, pruned_logits, self.tau_d).float()
         temps, facts = difficulty_to_temperature(d, self.mode, self.quantile, direction=self.direction,
                                                  **self.temps)
-        if self.difficulty.shape == d.shape:  # in place when sized already (seam S2: no rebinding)
+        if self.difficulty.shape == d.shape:  # in place when sized already (a captured graph keeps reading it)
             self.difficulty.copy_(d)
             self.temperature.copy_(temps)
         else:
@@ -133,13 +133,13 @@ class DLKD(Method):
         return {"difficulty_mean": float(d.mean()), "difficulty_max": float(d.max()),
                 "temperature_mean": float(temps.mean()), **facts}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
-        if batch.indices is None:
+    def forward(self, student_logits, teacher_logits, targets, ctx):
+        if ctx.indices is None:
             raise KDLibError("dlkd needs the dataset indices of each batch (StepContext.indices)")
         if self.temperature.numel() == 0:
             raise KDLibError("dlkd: setup() has not run (no per-sample temperatures)")
         z = as_float(student_logits)
-        temps = self.temperature.to(z.device)[batch.indices.to(z.device)]
+        temps = self.temperature.to(z.device)[ctx.indices.to(z.device)]
         return {"loss_ce": self.ce_weight * F.cross_entropy(z, targets),
                 "loss_kd": self.kd_weight * kd_loss_per_sample_temperature(z, teacher_logits, temps)}
 

@@ -29,7 +29,7 @@ class KD(Method):
         self.kd_weight = check_nonnegative("kd_weight", self.hparams["kd_weight"])
         self.standardize = check_bool("standardize", self.hparams["standardize"])
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         zs, zt = maybe_standardize(student_logits, teacher_logits, self.standardize)
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),

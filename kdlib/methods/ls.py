@@ -4,8 +4,11 @@ LS is not a method of its own here but the hyperparameter ``standardize`` of ``k
 ``mlkd`` (:func:`kdlib.losses.standardize`). The LS loss needs other weights than the method's defaults;
 :func:`ls_settings` gives the ones the authors used, as ``--set`` values. Sources: the LS paper's text
 (KD: base temperature 2, kd_weight 9, ce_weight 0.1; DKD: temperature 2, alpha and beta times 9,
-ce_weight 1; MLKD: kd_weight 9) and the LS repository's log names ``KD_TYPE,TEACHER,STUDENT,T,WEIGHT``
-for the per-pair KD values (methods.md section 2.7). Not a module of the method registry.
+ce_weight 1), the LS repository's log names ``KD_TYPE,TEACHER,STUDENT,T,WEIGHT`` for the per-pair KD
+values, and for MLKD + LS the repository's command (``tools/train.py --logit-stand --base-temp 2
+--kd-weight 9``: base temperature 2 and kd_weight 9 on every MLKD term) with its ``MLKD.py``, which
+standardises inside the instance terms only (``standardize_levels="instance"``, MLKD's default). Not a
+module of the method registry.
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ def ls_settings(method: str, teacher: str, student: str, *, dkd_alpha: float = 1
     if method == "dkd":
         return {"standardize": True, "temperature": 2.0, "alpha": LS_WEIGHT * dkd_alpha,
                 "beta": LS_WEIGHT * dkd_beta, "ce_weight": 1.0}
-    if method == "mlkd":
-        return {"standardize": True, "kd_weight": LS_WEIGHT}
+    if method == "mlkd":  # the base temperature 2 replaces MLKD's 4; 3, 5, 2, 6 stay (written in their code)
+        return {"standardize": True, "temperature": 2.0, "kd_weight": LS_WEIGHT, "standardize_levels": "instance"}
     if method == "ctkd":
         return {"standardize": True}  # CTKD learns the base temperature; its weights stay
     raise KDLibError(f"logit standardisation is available for kd, dkd, ctkd and mlkd, not {method!r}")

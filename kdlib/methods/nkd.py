@@ -29,7 +29,7 @@ class NKD(Method):
         self.temperature = check_positive("temperature", hp["temperature"])
         self.gamma = check_nonnegative("gamma", hp["gamma"])
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         target, non_target = nkd_terms(student_logits, teacher_logits, targets, self.temperature)
         return {
             "loss_ce": self.ce_weight * F.cross_entropy(as_float(student_logits), targets),

@@ -55,11 +55,11 @@ class ReKD(Method):
         if not self.k < num_classes:
             raise KDLibError(f"k must be < the number of classes ({num_classes}), got {self.k}")
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         z = as_float(student_logits)
         self.check_num_classes(z.shape[1])
         d = topk_decomposition(z, teacher_logits, self.k, self.temperature, self.topk_source)
-        scale = warmup_factor(batch, self.warmup) * self.temperature**2
+        scale = warmup_factor(ctx, self.warmup) * self.temperature**2
         terms = {"loss_ce": self.ce_weight * F.cross_entropy(z, targets),
                  "loss_tisd": scale * self.alpha * d.inside.mean(),
                  "loss_ntid": scale * self.beta * d.outside.mean()}

@@ -15,5 +15,5 @@ class Vanilla(Method):
     uses_teacher = False
     defaults = {}
 
-    def forward(self, student_logits, teacher_logits, targets, batch):
+    def forward(self, student_logits, teacher_logits, targets, ctx):
         return {"loss_ce": F.cross_entropy(as_float(student_logits), targets)}
