@@ -17,7 +17,8 @@ API (stable; the method chapters are written against it)::
     run_all(setting, {label: (method, params)}, seeds=None) -> RunTables  # + a `label` column everywhere
     load(paths, label="auto") -> RunTables                       # read existing records (a sweep's folder)
     select(tables, keep) -> RunTables                            # the runs where keep(runs) is true
-    label(setting_or_tables) -> str   # "dataset · profile · teacher→student · epochs · seeds", for captions
+    label(setting_or_tables) -> str   # "dataset · profile · teacher→student · epochs · seeds · precision"
+    precision(setting_or_tables) -> str   # "students bf16 autocast, channels_last" (what the runs recorded)
 
     dataset(setting) -> ImageDataset                             # the setting's data (cached)
     teacher_model(setting) -> nn.Module                          # frozen teacher (trained once, cached)
@@ -25,6 +26,7 @@ API (stable; the method chapters are written against it)::
     teacher_records(setting) -> RunTables | None                 # its records, labelled "teacher"
     student_model(run_dir) -> nn.Module                          # a finished run's student, eval mode
     logits(model, images_u8) -> Tensor                           # float32 logits, eval mode, batched
+    setup_predict(setting) -> fn(model, images_u8)               # the engine's setup-time predict (fp32)
 
     glue(key, value, display=False)              # myst_nb.glue, numpy scalars as Python numbers
     method_artifacts(run_dir) -> dict[str, ndarray]        # a finished run's method_artifacts.npz ({} if none)
@@ -32,16 +34,20 @@ API (stable; the method chapters are written against it)::
     image_predictions(tables, images, labels, by="label") -> DataFrame  # every run's prediction per image
     within_between(matrix, groups) -> dict(within=, between=, n_within=, n_between=)
 
+    verdicts([(claim, stats result), ...]) -> DataFrame  # the chapter's verdict table; glues rule, power_text
+    share(count, total) -> str                    # "11 of 4,000 (0.28 %)": never a small share printed as 0 %
     summarize(tables, by="label") -> DataFrame   # mean/std over seeds of best and last accuracy, cost
     pm(mean, std, digits=2) -> str               # "71.23 ± 0.40"
     class_accuracy(tables, by="label") -> DataFrame        # per class, mean over seeds (+ teacher_acc)
     class_delta(tables, label, baseline, by="label") -> DataFrame   # per class: acc, baseline_acc, delta
     tail_accuracy(tables, k=10, by="label") -> DataFrame   # mean, worst class, bottom-k mean: mean/std over seeds
     helped_hurt(delta) -> dict(helped=, hurt=, unchanged=)  # a naive count; judge it with kdlib.stats
+    seed_halves(tables, label) -> (tables, first, second)  # one method as two: pure seed noise, for calibration
 
-Every verdict a chapter prints about these tables (above/below, helps/hurts, correlated or not) comes from
-:mod:`kdlib.stats`: paired-by-seed differences with the standard error of a difference, per-class claims
-against per-class seed noise, correlations against separate baseline seeds, collapsed runs left out.
+Every verdict a chapter prints about these tables (above/below, class-specific gains and losses,
+correlated or not) comes from :mod:`kdlib.stats`: paired-by-seed t intervals from the two compared
+methods' runs, class effects against null twins of the same runs, correlations from crossed seeds with a
+permutation test, collapsed runs left out.
 
 Run directories: ``$KDLIB_HOME/runs/<profile>/<method>-<teacher>-<student>-s<seed>-<hash>`` where
 ``hash`` is :meth:`kdlib.config.RunConfig.identity_hash` (the resolved recipe minus execution fields:
@@ -50,7 +56,7 @@ teacher in their identity, so every chapter shares them.
 
 Warm-up. DKD-style methods ramp their distillation weight up over ``warmup`` epochs (20 of the papers'
 240). Every run's recipe scales that warm-up with the run's length, ``20 * epochs / 240`` epochs without
-rounding (:func:`kdlib.config.scaled_warmup`: 0.5 epoch in the 6-epoch smoke profile), the book as the
+rounding (:func:`kdlib.config.scaled_warmup`: a third of an epoch in the 4-epoch smoke profile), the book as the
 command line and the sweeps, and the methods ramp a warm-up that is
 not a whole number >= 2 of epochs per step (:func:`kdlib.methods.base.warmup_factor`), so a short run's
 warm-up still ramps. A value the chapter passes explicitly is used as given, and the value used is
@@ -79,10 +85,10 @@ from kdlib import config as kconfig
 from kdlib.errors import KDLibError
 from kdlib.records import RunTables, load_runs
 
-__all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "dataset", "teacher_model",
-           "teacher_run", "teacher_records", "student_model", "logits", "method_artifacts", "method_history",
-           "image_predictions", "within_between", "glue", "summarize", "pm", "class_accuracy",
-           "class_delta", "tail_accuracy", "helped_hurt", "scaled_warmup"]
+__all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "precision", "dataset", "teacher_model",
+           "teacher_run", "teacher_records", "student_model", "logits", "setup_predict", "method_artifacts", "method_history",
+           "image_predictions", "within_between", "glue", "verdicts", "share", "summarize", "pm", "class_accuracy",
+           "class_delta", "tail_accuracy", "helped_hurt", "seed_halves", "scaled_warmup"]
 
 #: the papers' warm-up length (epochs) out of their 240-epoch recipe
 PAPER_WARMUP = 20
@@ -457,14 +463,49 @@ def _epoch_text(epochs) -> str:
     return "/".join(map(str, epochs)) + (" epoch" if epochs == [1] else " epochs")
 
 
+def _precision_text(amps, channels_last) -> str:
+    """``"student bf16 autocast, channels_last"``: how the students' runs computed (from their records)."""
+    amps = sorted({str(a) for a in amps if a is not None})
+    layouts = sorted({bool(c) for c in channels_last if c is not None})
+    words = {"bf16": "bf16 autocast", "none": "fp32"}
+    text = "/".join(words.get(a, a) for a in amps) or "precision not recorded"
+    if layouts == [True]:
+        text += ", channels_last"
+    return "students " + text
+
+
+def precision(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
+    """The precision the students trained in: from a :class:`Setting` (what ``amp="auto"`` resolves to on
+    this machine) or from run records (``segments[].amp`` and ``channels_last`` of each run)."""
+    from kdlib.records import read_metrics
+
+    if isinstance(obj, Setting):
+        from kdlib.engine.device import resolve_device
+        from kdlib.precision import resolve_amp
+
+        cfg = obj.base_config()
+        device = resolve_device(cfg.device)
+        return _precision_text([resolve_amp(cfg.amp, device)], [cfg.channels_last])
+    runs = obj.runs if isinstance(obj, RunTables) else obj
+    amps, layouts = [], []
+    for path in (runs["run"].dropna().unique() if "run" in runs else []):
+        try:
+            for segment in read_metrics(path).get("segments") or []:
+                amps.append(segment.get("amp"))
+                layouts.append(segment.get("channels_last"))
+        except KDLibError:
+            continue
+    return _precision_text(amps, layouts)
+
+
 def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
-    """One line naming the dataset, profile, pair, epochs and seeds, for every caption of the book.
+    """One line naming the dataset, profile, pair, epochs, seeds and precision, for every caption.
 
     From a :class:`Setting` (the dataset's own description), or from run records (what the runs say).
     """
     if isinstance(obj, Setting):
         parts = [dataset(obj).description, f"{obj.profile} profile", f"{obj.teacher}→{obj.student}",
-                 _epoch_text([obj.epochs]), _seed_text(obj.seeds)]
+                 _epoch_text([obj.epochs]), _seed_text(obj.seeds), precision(obj)]
         return " · ".join(parts)
     runs = obj.runs if isinstance(obj, RunTables) else obj
     if runs.empty:
@@ -479,7 +520,7 @@ def label(obj: Union[Setting, RunTables, pd.DataFrame]) -> str:
                    if runs["teacher"].notna().any() else set(runs["student"].astype(str)))
     epochs = sorted({int(e) for e in runs["epochs"].dropna()})
     return " · ".join([one("dataset"), f"{one('profile')} profile", ", ".join(pairs),
-                       _epoch_text(epochs), _seed_text(runs["seed"].dropna())])
+                       _epoch_text(epochs), _seed_text(runs["seed"].dropna()), precision(obj)])
 
 
 # -- models and data for the analyses --------------------------------------------------------------
@@ -539,6 +580,20 @@ def student_model(run_directory) -> nn.Module:
     return model.eval()
 
 
+def setup_predict(obj: Union[Setting, kconfig.RunConfig]):
+    """The predict function the engine hands a method's ``setup`` for this setting's runs: float32 logits
+    whatever the run's autocast, the run's evaluation batch size and memory format. A chapter that scores
+    images with it (DLKD's difficulties, CWKD's teacher accuracy) gets exactly what the training saw."""
+    from kdlib.engine import predict
+
+    cfg = obj.base_config() if isinstance(obj, Setting) else obj
+
+    def predict_fn(model: nn.Module, images_u8: Tensor) -> Tensor:
+        return predict(model, images_u8.cpu(), cfg.eval_batch_size, bool(cfg.channels_last), "none")
+
+    return predict_fn
+
+
 def logits(model: nn.Module, images_u8: Tensor, batch_size: int = 256) -> Tensor:
     """float32 logits of un-augmented uint8 images (eval mode, no grad, normalised, batched)."""
     from kdlib.engine import predict
@@ -571,6 +626,33 @@ def glued(key: str, fmt: str = "") -> Any:
     if fmt and isinstance(value, (int, float)):
         return format(value, fmt)
     return value
+
+
+def share(count: int, total: int) -> str:
+    """``"11 of 4,000 (0.28 %)"``: a count and its percentage with enough digits that a small share does
+    not print as 0 % (two significant digits below 1 %)."""
+    count, total = int(count), int(total)
+    if total <= 0:
+        return f"{count} of {total}"
+    pct = 100.0 * count / total
+    digits = 0 if pct == 0 or pct >= 10 or pct == round(pct) else (1 if pct >= 1 else 2 - int(math.floor(math.log10(pct))) - 1)
+    return f"{count:,} of {total:,} ({pct:.{digits}f} %)"
+
+
+def verdicts(rows: Sequence[Tuple]) -> pd.DataFrame:
+    """The chapter's one verdict table (:func:`kdlib.stats.verdict_table` of ``rows``), gluing with it
+    ``rule`` (the footnote under the table), ``power_text`` (the smallest difference this build detects)
+    and ``verdict_records`` (the numbers, as JSON, for the test that one comparison reads the same in
+    every chapter)."""
+    import json
+
+    from kdlib import stats
+
+    glue("rule", stats.RULE)
+    glue("power_text", stats.power_sentence([row[1] for row in rows if isinstance(row[1], stats.Difference)]))
+    glue("verdict_records", json.dumps(stats.verdict_records(
+        [row for row in rows if isinstance(row[1], stats.Difference)])))
+    return stats.verdict_table(rows)
 
 
 def pm(mean: float, std: float, digits: int = 2) -> str:
@@ -633,6 +715,33 @@ def class_delta(tables: RunTables, label: str, baseline: str = "vanilla", by: st
     out.insert(0, "label", label)
     out.insert(1, "baseline", baseline)
     return out.reset_index().sort_values("class_index").reset_index(drop=True)
+
+
+def seed_halves(tables: RunTables, label: str, by: str = "label") -> Tuple[RunTables, str, str]:
+    """Two pseudo-methods made of one method's seeds: the first half and the second half, re-numbered so
+    that they pair position by position. What the statistics say about them is what pure seed noise
+    gets: a calibration of every rule on the build's own runs. Returns the tables (only those runs) and
+    the two new labels."""
+    runs = tables.runs[tables.runs[by] == label]
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    if len(seeds) < 2:
+        raise KDLibError(f"{label!r} has {len(seeds)} seed(s): splitting needs two or more")
+    half = len(seeds) // 2
+    first, second = seeds[:half], seeds[half:2 * half]
+    def seeds_text(group):
+        return ("seed " if len(group) == 1 else "seeds ") + ", ".join(map(str, group))
+
+    names = (f"{label} ({seeds_text(first)})", f"{label} ({seeds_text(second)})")
+    position = {s: i for i, s in enumerate(first)} | {s: i for i, s in enumerate(second)}
+    group = {s: names[0] for s in first} | {s: names[1] for s in second}
+
+    def relabel(df):
+        df = df[(df[by] == label) & df["seed"].isin(first + second)].copy()
+        df[by] = df["seed"].map(group)
+        df["seed"] = df["seed"].map(position)
+        return df.reset_index(drop=True)
+
+    return RunTables(*[relabel(df) for df in _frames(tables)]), names[0], names[1]
 
 
 def helped_hurt(delta: pd.DataFrame, tolerance: float = 1e-9) -> Dict[str, int]:

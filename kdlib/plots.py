@@ -13,6 +13,7 @@ API::
     lr_schedule(config, epochs=None, title=None)                # the engine's lr_at, + recorded lrs
     class_accuracy_curves(acc, teacher=True, title=None)        # acc = experiments.class_accuracy(...)
     class_delta(delta, title=None)                              # delta = experiments.class_delta(...)
+    class_effects(effects, title=None)                          # effects = stats.class_effects(...)
     class_heatmap(deltas, title=None)                           # deltas = concat of class_delta frames
     training_curves(epochs, y="test_acc", hue="label", title=None)
     best_vs_last(runs, hue="label", title=None)
@@ -38,7 +39,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["style", "figure", "sample_grid", "lr_schedule", "class_accuracy_curves", "class_delta",
+__all__ = ["style", "figure", "sample_grid", "lr_schedule", "class_accuracy_curves", "class_delta", "class_effects",
            "class_heatmap", "training_curves", "best_vs_last", "cost", "gradient_check", "soft_targets",
            "histogram", "binned", "weights_vs_confidence", "class_matrices", "class_sets",
            "superclass_palette"]
@@ -229,6 +230,46 @@ def class_delta(delta: pd.DataFrame, title: Optional[str] = None) -> Figure:
     ax2.axvline(0, color="0.3", lw=0.8)
     ax2.axvline(float(d["delta"].mean()), color="C0", lw=1.2, label=f"mean {d['delta'].mean():+.2f}")
     ax2.set_xlabel("change of class accuracy (points)")
+    ax2.set_ylabel("classes")
+    ax2.legend(fontsize="small")
+    return _title(fig, title)
+
+
+def class_effects(effects, title: Optional[str] = None) -> Figure:
+    """The class-by-class test of :func:`kdlib.stats.class_effects` as a picture: every class's centred
+    change (bars, sorted; coloured where it counts as a gain or a loss) against its null twins (the line:
+    the same seeds with half of them sign-flipped, sorted), with the two tail thresholds (dashed)."""
+    t = effects.table.sort_values("centred", ascending=False)
+    x = np.arange(len(t))
+    measured = effects.measured
+    if measured:
+        colours = [HELPED if v > effects.upper else HURT if v < effects.lower else NEUTRAL for v in t["centred"]]
+    else:
+        colours = [NEUTRAL] * len(t)
+    fig, (ax, ax2) = figure(ncols=2, width=10, height=3.2, gridspec_kw={"width_ratios": [2.2, 1]})
+    ax.bar(x, t["centred"], color=colours, width=1.0, linewidth=0, label="centred change")
+    ax.axhline(0, color="0.3", lw=0.8)
+    if measured:
+        ax.plot(x, np.sort(t["null"].to_numpy(float))[::-1], color="0.15", lw=1.1, label="null twins, sorted")
+        for limit in (effects.upper, effects.lower):
+            ax.axhline(limit, color="0.3", lw=0.8, ls="--")
+        ax.set_title(f"{effects.gains} gain, {effects.losses} lose (noise alone: about "
+                     f"{effects.expected_gains:.0f} and {effects.expected_losses:.0f})", fontsize="small")
+        ax.legend(fontsize="small", loc="upper right")
+    else:
+        ax.set_title("one seed: no null, no verdict", fontsize="small")
+    ax.set_xlim(-1, len(t))
+    ax.set_xticks([])
+    ax.set_xlabel("classes, sorted by the centred change")
+    ax.set_ylabel(f"{effects.label} − {effects.baseline},\ncentred (points)")
+    values = t["centred"].to_numpy(float)
+    lim = max(1.0, float(np.nanmax(np.abs(values))), float(np.nanmax(np.abs(t["null"]))) if measured else 0.0)
+    bins = np.linspace(-lim, lim, 31)
+    ax2.hist(values, bins=bins, color=NEUTRAL, edgecolor="white", label="centred changes")
+    if measured:
+        ax2.hist(t["null"], bins=bins, histtype="step", color="0.15", lw=1.2, label="null twins")
+    ax2.axvline(0, color="0.3", lw=0.8)
+    ax2.set_xlabel("centred change (points)")
     ax2.set_ylabel("classes")
     ax2.legend(fontsize="small")
     return _title(fig, title)

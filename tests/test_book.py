@@ -106,3 +106,66 @@ def test_injected_parameters_cell_is_tagged_remove_cell(tmp_path):
     assert tags == [["parameters"], ["injected-parameters", "remove-cell"], []]
     assert bookbuild.hide_injected_parameters(path) == 1  # idempotent: no second remove-cell tag
     assert nbformat.read(path, as_version=4).cells[1].metadata.tags == ["injected-parameters", "remove-cell"]
+
+
+# -- what the executed chapters show ------------------------------------------------------------------------
+def glued(notebook: dict, name: str):
+    """The value a chapter glued under ``name`` (its text/plain repr evaluated), or None."""
+    import ast
+
+    for cell in notebook["cells"]:
+        for out in cell.get("outputs", []):
+            if out.get("metadata", {}).get("scrapbook", {}).get("name") == name:
+                # shown glue stores text/plain, hidden glue (display=False) papermill's record of it
+                text = next((v for k, v in out["data"].items() if k.endswith("text/plain")), "")
+                text = "".join(text) if isinstance(text, list) else text
+                return ast.literal_eval(text)
+    return None
+
+
+def comparisons(notebooks: dict) -> dict:
+    """``{comparison key: {chapter: record}}`` from every chapter's glued verdict records."""
+    found: dict = {}
+    for chapter, nb in notebooks.items():
+        for record in json.loads(glued(nb, "verdict_records") or "[]"):
+            found.setdefault(record["key"], {})[chapter] = record
+    return found
+
+
+def test_the_consistency_check_sees_a_difference():
+    one = {"cells": [{"outputs": [{"metadata": {"scrapbook": {"name": "verdict_records"}}, "data": {"text/plain": repr(
+        json.dumps([{"key": "k", "diff": 1.0, "ci_low": 0.5, "ci_high": 1.5, "verdict": "above"}]))}}]}]}
+    other = json.loads(json.dumps(one).replace('"ci_low\\": 0.5', '"ci_low\\": 0.4'))
+    found = comparisons({"a": one, "b": other})
+    assert len({json.dumps({k: v for k, v in r.items() if k != "name"}, sort_keys=True)
+                for r in found["k"].values()}) == 2
+
+
+def assert_same_comparisons(notebooks: dict) -> int:
+    """Every comparison that several chapters make reads the same in each: interval, df and verdict."""
+    shared = 0
+    for key, by_chapter in comparisons(notebooks).items():
+        numbers = {chapter: {k: v for k, v in record.items() if k != "name"} for chapter, record in by_chapter.items()}
+        assert len({json.dumps(v, sort_keys=True) for v in numbers.values()}) == 1, (key, numbers)
+        shared += len(by_chapter) > 1
+    return shared
+
+
+@pytest.mark.slow
+def test_a_comparison_reads_the_same_in_every_chapter(tiny_chapters):
+    notebooks = {p.stem: json.loads(tiny_chapters.executed(p.stem).read_text()) for p in notebook_chapters()}
+    assert assert_same_comparisons(notebooks) >= 1  # KD - vanilla at least is made by several chapters
+
+
+@pytest.mark.slow
+def test_executed_chapters_log_nothing_and_show_each_figure_once(tiny_chapters):
+    """No warning or log line on stderr, and no figure shown by pyplot besides its glue (the MLKD views
+    figure appeared twice)."""
+    for path in notebook_chapters():
+        nb = json.loads(tiny_chapters.executed(path.stem).read_text())
+        for cell in nb["cells"]:
+            outputs = cell.get("outputs", [])
+            assert not [o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"], path.stem
+            images = [o for o in outputs if "image/png" in o.get("data", {})]
+            glued_images = [o for o in images if o.get("metadata", {}).get("scrapbook")]
+            assert len(images) - len(glued_images) <= (0 if glued_images else 1), path.stem

@@ -74,7 +74,7 @@ def test_run_dirs_are_deterministic_and_name_what_decides_the_numbers():
 
 def test_warmup_is_scaled_with_the_run_length():
     assert ex.scaled_warmup(240) == 20 and isinstance(ex.scaled_warmup(240), int)  # the paper's recipe, same identity
-    assert ex.scaled_warmup(6) == 0.5  # the smoke student: half an epoch, ramped per step
+    assert ex.scaled_warmup(6) == 0.5  # a 6-epoch student: half an epoch, ramped per step
     assert ex.scaled_warmup(15) == 1.25
     assert ex.scaled_warmup(24) == 2 and isinstance(ex.scaled_warmup(24), int)
     assert ex.scaled_warmup(20) == pytest.approx(5 / 3, abs=1e-6)
@@ -95,7 +95,8 @@ def test_every_run_scales_the_warmup_not_only_the_books(method):
     assert chosen.method_params["warmup"] == 7  # what the user sets wins
     # the book's explicit value and the recipe's own are the same run (same identity, same directory)
     smoke = kconfig.make_config("smoke", method=method)
-    assert smoke.identity_hash() == smoke.replace(method_params={"warmup": 0.5}).identity_hash()
+    assert smoke.identity_hash() == smoke.replace(
+        method_params={"warmup": ex.scaled_warmup(smoke.epochs)}).identity_hash()
 
 
 def test_label_names_dataset_profile_pair_and_seeds():
@@ -104,6 +105,7 @@ def test_label_names_dataset_profile_pair_and_seeds():
     assert ex.dataset(s).description in text
     assert "synthetic" in text and "smoke" in text
     assert "resnet8→resnet8" in text and "1 epoch " in text and "seeds 0, 1" in text
+    assert text.endswith(ex.precision(s)) and ex.precision(s).startswith("students ")  # how they computed
     runs = pd.DataFrame({"method": ["vanilla", "kd"], "teacher": [None, "resnet20"],
                          "student": ["resnet8", "resnet8"], "seed": [0, 0], "profile": ["paper", "paper"],
                          "dataset": ["CIFAR-100 (50000 train / 10000 test)"] * 2, "epochs": [240, 240]})

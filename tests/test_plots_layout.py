@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kdlib import experiments as ex, plots
+from kdlib import experiments as ex, plots, stats
 from test_experiments import hand_made_tables, tiny_setting
 
 
@@ -43,6 +43,7 @@ def book_figures():
         "class_accuracy_curves": plots.class_accuracy_curves(acc[acc.label == "KD"], title="t"),
         "class_delta": plots.class_delta(ex.class_delta(tables, "KD", "vanilla"), title="t"),
         "class_heatmap": plots.class_heatmap(deltas, title="t"),
+        "class_effects": plots.class_effects(stats.class_effects(tables.classes, "KD", "vanilla"), title="t"),
         "cost": plots.cost(ex.summarize(tables)),
         "gradient_check": plots.gradient_check({"a": (z, z + 1e-9), "b": (z, z), "c": (z, z)}),
         # the KD chapter's case: gradients of order 1e-3, whose plain tick labels (−0.0015) ran together

@@ -221,7 +221,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     eval_bs = cfg.eval_batch_size
 
     def predict_fn(model: nn.Module, images_u8: Tensor) -> Tensor:
-        return predict(model, images_u8, eval_bs, channels_last, amp)
+        return predict(model, images_u8, eval_bs, channels_last, "none")  # scores that steer training: fp32
 
     setup_facts = method.setup(SetupContext(
         num_classes=C, student=student, teacher=teacher, train_images=dataset.train_images,

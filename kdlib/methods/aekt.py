@@ -3,11 +3,14 @@ abstract and a third-party summary could be read. Exact: the gradient analysis i
 :mod:`kdlib.gradients`). Reconstructed: the explicit loss (DKD's TCKD), the adaptive weight (the
 teacher/student target-confidence ratio) and the serial C x C layer.
 
-.. math:: z_{kd} = W z_{cls} + b \;(W = I,\ b = 0 \text{ at init}),\qquad
-          r_b = \mathrm{sg}\Big[\mathrm{clip}\Big(\frac{p^t_{b,t}}{p^s_{b,t}}, r_{min}, r_{max}\Big)\Big]
+.. math:: z_{kd} = z_{cls} + s\,(V z_{cls} + c),\ \text{i.e.}\ W = I + sV,\ s = 0.1,\ V = 0,\ c = 0
+          \text{ at init},\qquad
+          r_n = \mathrm{sg}\Big[\mathrm{clip}\Big(\frac{p^t_{n,y}}{p^s_{n,y}}, r_{min}, r_{max}\Big)\Big]
 
-.. math:: \mathcal{L} = \mathrm{CE}(z_{cls}, y) + \min(e/20, 1)\,T^2\,\frac{1}{B}\sum_b
-          \Big(\alpha\,r_b\,\mathrm{KL}(b^t_b\|b^s_b) + \beta\,\mathrm{KL}(\hat p^t_b\|\hat p^s_b)\Big)
+.. math:: \mathcal{L} = \mathrm{CE}(z_{cls}, y) + \min(e/20, 1)\,T^2\,\frac{1}{B}\sum_n
+          \Big(\alpha\,r_n\,\mathrm{KL}(b^t_n\|b^s_n) + \beta\,\mathrm{KL}(\hat p^t_n\|\hat p^s_n)\Big)
+
+n indexes the B images of a batch, b = [p_y, 1 - p_y] is DKD's binary distribution, y the label.
 
 Every distillation term (and r, with p^s from z_kd) is computed on :math:`z_{kd}`; CE on :math:`z_{cls}`,
 which is what the student predicts at test time (the serial layer is dropped at inference).
@@ -41,9 +44,10 @@ class SerialLayer(nn.Module):
     r"""The serial C x C layer, parameterised as :math:`z_{kd} = z + s\,(V z + c)` with V, c starting at 0.
 
     Equal to ``W z + b`` with ``W = I + sV``, ``b = sc`` (exposed as ``weight``/``bias``), so it starts as the
-    identity; the residual form makes weight decay pull it towards the identity rather than towards zero,
-    and the step ``s = 0.1`` keeps it from outrunning the classifier (a plain identity-initialised
-    ``nn.Linear`` diverged to NaN in the first smoke epoch at lr 0.05).
+    identity. The optimiser trains V and c: a step on V moves W by s times the step, and V's gradient is s
+    times W's, so W learns at s^2 = 0.01 times the optimiser's rate, and weight decay (on V) pulls W towards
+    the identity, not towards zero. Both keep the layer from outrunning the classifier (kdlib's choice;
+    the AEKT chapter shows why).
     """
 
     def __init__(self, num_classes: int, step: float = 0.1):

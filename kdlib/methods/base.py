@@ -76,7 +76,8 @@ class SetupContext:
     teacher: Optional[nn.Module]
     train_images: Tensor  # uint8 (N, 3, 32, 32), un-augmented, on the training device
     train_labels: Tensor  # int64 (N,)
-    # predict(model, uint8 images) -> fp32 logits (N, C): eval mode, no grad, normalised, batched.
+    # predict(model, uint8 images) -> logits (N, C) computed in fp32 whatever the run's amp (a score that
+    # steers training must not be ranked by bf16 rounding): eval mode, no grad, normalised, batched.
     predict: Callable[[nn.Module, Tensor], Tensor]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     epochs: int = 1
@@ -220,7 +221,7 @@ def warmup_by_epoch(warmup_epochs: float) -> bool:
     By epoch exactly when the warm-up spans a whole number of epochs, at least 2: then ``min(e / W, 1)``
     by epoch still ramps (epoch 1 trains at ``1/W`` of the weight) and the papers' profile (W = 20 of 240
     epochs) reads exactly as mdistiller's ``min(epoch / 20, 1)``. A shorter or fractional warm-up (the
-    scaled recipe of short runs: 0.5 epoch in the 6-epoch smoke profile) ramps per step instead, because
+    scaled recipe of short runs: a third of an epoch in the 4-epoch smoke profile) ramps per step instead, because
     by epoch the weight would already be 1 in the first epoch and the warm-up would do nothing.
     """
     w = float(warmup_epochs)

@@ -4,35 +4,27 @@ re-implementations agree on (see the CLKD chapter), the details below are kdlib'
 
 .. math:: \mathcal{L} = \lambda\,\mathrm{CE}(z^s, y) + \mu\,(L_{ins} + \beta\,L_{cla}) + \nu\,L_{cc}
 
-.. math:: L_{ins} = \frac{1}{B}\sum_b \Big\| \frac{z^s_b}{\|z^s_b\|} - \frac{z^t_b}{\|z^t_b\|} \Big\|^2,\quad
-          L_{cla} = \frac{1}{C}\sum_c \Big\| \frac{\hat z^s_c}{\|\hat z^s_c\|}
-          - \frac{\hat z^t_c}{\|\hat z^t_c\|} \Big\|^2,\quad
+.. math:: L_{ins} = \frac{1}{B}\sum_n \Big\| \frac{z^s_n}{\|z^s_n\|} - \frac{z^t_n}{\|z^t_n\|} \Big\|^2,\quad
+          L_{cla} = \frac{1}{C}\sum_c \Big\| \frac{z^s_{:,c}}{\|z^s_{:,c}\|}
+          - \frac{z^t_{:,c}}{\|z^t_{:,c}\|} \Big\|^2,\quad
           L_{cc} = \frac{1}{C^2}\,\| M^s - M^t \|_F,\quad M = \frac{1}{C-1} Z_c^\top Z_c
 
-on raw logits (no softmax, no temperature, as in every re-implementation); :math:`\hat z_c \in \mathbb{R}^B`
-is class c's logit across the batch, :math:`Z_c` the batch-centred B x C logits, and the Frobenius norm is
-**unsquared** (:func:`kdlib.losses.streamlined_correlation_loss`). Weights lambda = 0.1, mu = 0.5,
-beta = 2.0, nu = 0.4: the only values seen (re-implementations), unverified against the paper.
-L_cla and L_cc are batch statistics (they depend on the batch size, 64 in the recipe).
+on raw logits (no softmax, no temperature, as in every re-implementation); :math:`z_n \in \mathbb{R}^C` is
+image n's logit vector (a row of the B x C batch), :math:`z_{:,c} \in \mathbb{R}^B` class c's logits across
+the batch (a column), :math:`Z_c` the batch-centred B x C logits, and the Frobenius norm is **unsquared**
+(:func:`kdlib.losses.streamlined_correlation_loss`). Weights lambda = 0.1, mu = 0.5, beta = 2.0, nu = 0.4:
+the only values seen (re-implementations), unverified against the paper. L_cla and L_cc are batch
+statistics (they depend on the batch size, 64 in the recipe).
 
 The default is these equations literally: ``normalization="vector_sum"`` (L_ins and L_cla as written, a
 squared distance per vector averaged over vectors) with ``variant="streamlined"`` (the L_cc of the
-"Streamlined KD" group's re-implementation, HyunJunSik/StreamLined ``Distiller/CLKD.py``, CVPR 2026).
-Chosen (the reconstruction leaves the scale open; this one is stated) because it trains in a short run:
-when the choice was made (2026-11-26, the smoke profile: synthetic data, resnet20 -> resnet8, 6 epochs,
-lr 0.05, two torch threads) it ended at 59.30 % (seed 0) and 61.20 % (seed 1) against the vanilla
-student's 58.00 % and 59.65 %, while the StreamLined code exactly ended at 18-21 % (seeds 0 and 1); the
-CLKD chapter shows the numbers of the build you are reading. That code is
-``variant="streamlined", normalization="element_mean"``: ``F.mse_loss`` element means, which divide L_ins
-by C and L_cla by B relative to the equations, so their gradients are C and B times smaller, and with
-lambda = 0.1 the labels give a tenth of the usual signal: 6 epochs barely move the student (undertrained,
-not collapsed; the StreamLined group's CIFAR-100 script trains 250 epochs at lr 0.1).
-
-``variant="recon"`` is kdlib's first reading of L_cc (:math:`\frac{1}{C^2}\|M^s - M^t\|_F^2`, squared, of
-the B - 1 covariance; ``corr`` in {cov, gram, sample}, see :func:`kdlib.losses.class_correlation_loss`),
-kept for the ablation: in the smoke profile its weighted L_cc is ~40x the cross-entropy term in the first
-epoch and the run ended near chance (2.45 %, seed 0, with this default's normalisation, same date).
-The StreamLined README's CIFAR-100 numbers are that group's re-runs, not the CLKD paper's.
+"Streamlined KD" group's re-implementation, HyunJunSik/StreamLined ``Distiller/CLKD.py``). The
+reconstruction leaves the scale open; kdlib states this one (how it was chosen is in the CLKD chapter).
+That code itself is ``variant="streamlined", normalization="element_mean"``: ``F.mse_loss`` element means,
+which divide L_ins by C and L_cla by B relative to the equations, so their gradients are C and B times
+smaller. ``variant="recon"`` is kdlib's first reading of L_cc (:math:`\frac{1}{C^2}\|M^s - M^t\|_F^2`,
+squared, of the B - 1 covariance; ``corr`` in {cov, gram, sample}, see
+:func:`kdlib.losses.class_correlation_loss`), kept for the ablation.
 Terms: ``loss_ce``, ``loss_ins`` (mu), ``loss_cla`` (mu * beta), ``loss_cc`` (nu).
 """
 import torch.nn.functional as F

@@ -4,17 +4,18 @@ statistic, the hard-class rule, the weighting and the schedule below are kdlib's
 (the CWKD chapter lists what is read and what is chosen). Exact part: the base loss is KD (T = 4, 0.1 CE / 0.9 KD).
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y)
-          + \lambda_{KD}\,\frac{1}{B}\sum_b w_b\, T^2\,
-          \mathrm{KL}\big(\sigma(z^t_b/T) \,\|\, \sigma(z^s_b/T)\big),
-          \qquad w_b = \frac{1 + \gamma_h\,[y_b \in H]}{\frac{1}{B}\sum_{b'} (1 + \gamma_h\,[y_{b'} \in H])}
+          + \lambda_{KD}\,\frac{1}{B}\sum_n w_n\, T^2\,
+          \mathrm{KL}\big(\sigma(z^t_n/T) \,\|\, \sigma(z^s_n/T)\big),
+          \qquad w_n = \frac{1 + \gamma_h\,[y_n \in H]}{\frac{1}{B}\sum_{m} (1 + \gamma_h\,[y_m \in H])}
 
 * statistic ``a_c`` per class (lower = harder): ``student_acc`` (default; the student's running training
   accuracy, correct/seen counted in ``forward`` on the augmented stream, reset each epoch),
   ``student_target_prob`` (mean softmax probability of the label, T = 1), ``teacher_acc`` (the teacher's
-  training accuracy, computed once in ``setup``).
+  training accuracy, computed once in ``setup`` by :func:`teacher_class_accuracy`, in float32 whatever the
+  run's autocast: the hard set ranks these accuracies).
 * hard set H, refreshed in ``end_epoch``: ``lowest_k`` (the ``num_hard`` lowest a_c, ties to the lower
   class index) or ``below_mean_std`` (a_c < mean - std, population std). Classes not seen yet are never hard.
-* ``weighting="soft"`` replaces [y_b in H] with :math:`h_c = (1-a_c)^\rho / \mathrm{mean}_c (1-a_c)^\rho`.
+* ``weighting="soft"`` replaces [y_n in H] with :math:`h_c = (1-a_c)^\rho / \mathrm{mean}_c (1-a_c)^\rho`.
 * Before the first refresh no class is hard, so **CWKD equals KD during epoch 1** (with ``teacher_acc``
   the set is known in ``setup`` and used from epoch 1). gamma_h = 0 gives KD exactly.
 * ``normalize`` divides w by its batch mean (total loss scale unchanged); ``apply_to_ce`` weights CE too.
@@ -33,6 +34,19 @@ STATISTICS = ("student_acc", "student_target_prob", "teacher_acc")
 RULES = ("lowest_k", "below_mean_std")
 WEIGHTINGS = ("hard_set", "soft")
 _STATE = ("seen", "correct", "prob_sum", "class_stat", "stat_valid", "hard_mask", "class_weight")
+
+
+def teacher_class_accuracy(teacher, images, labels, predict, num_classes: int):
+    """Per class, the share of ``images`` the teacher classifies right, and whether the class was seen.
+
+    ``predict`` is the engine's setup-time predict (float32); a chapter passing the same function
+    (:func:`kdlib.experiments.setup_predict`) gets the same accuracies.
+    """
+    pred = predict(teacher, images).argmax(dim=1)
+    labels = labels.to(pred.device)
+    seen = torch.bincount(labels, minlength=num_classes).double()
+    correct = torch.bincount(labels, weights=(pred == labels).double(), minlength=num_classes)
+    return correct / seen.clamp(min=1), seen > 0
 
 
 @register
@@ -116,11 +130,9 @@ class CWKD(Method):
             return {}
         if ctx.teacher is None:
             raise KDLibError("cwkd: statistic='teacher_acc' needs a teacher")
-        pred = ctx.predict(ctx.teacher, ctx.train_images).argmax(dim=1).to(self.seen.device)
-        labels = ctx.train_labels.to(self.seen.device)
-        seen = torch.bincount(labels, minlength=ctx.num_classes).double()
-        correct = torch.bincount(labels, weights=(pred == labels).double(), minlength=ctx.num_classes)
-        self._refresh(correct / seen.clamp(min=1), seen > 0)
+        accuracy, seen = teacher_class_accuracy(ctx.teacher, ctx.train_images, ctx.train_labels, ctx.predict,
+                                                ctx.num_classes)
+        self._refresh(accuracy.to(self.seen.device), seen.to(self.seen.device))
         return self._summary()
 
     def forward(self, student_logits, teacher_logits, targets, ctx):

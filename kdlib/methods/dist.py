@@ -2,7 +2,7 @@ r"""DIST, knowledge distillation from a stronger teacher (Huang et al., NeurIPS 
 ``DIST`` loss (hunto/DIST_KD, hunto/image_classification_sota ``dist_kd.py``) and CIFAR config ``dist_t4``.
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y) + \lambda_{KD}\,\tau^2\Big(
-          \beta\,\big(1 - \tfrac{1}{B}\textstyle\sum_b \rho(Y^s_{b,:}, Y^t_{b,:})\big)
+          \beta\,\big(1 - \tfrac{1}{B}\textstyle\sum_n \rho(Y^s_{n,:}, Y^t_{n,:})\big)
           + \gamma\,\big(1 - \tfrac{1}{C}\textstyle\sum_c \rho(Y^s_{:,c}, Y^t_{:,c})\big)\Big)
 
 with :math:`Y = \mathrm{softmax}(z/\tau)` and :math:`\rho(a, b) = \frac{(a-\bar a)\cdot(b-\bar b)}

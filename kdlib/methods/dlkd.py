@@ -4,15 +4,17 @@ per-sample temperature by difficulty). Pruning (layer-wise L1 magnitude, 10 %, n
 sibling R2KD code and the level mapping (2 / 4 / 6, 20 % quantiles) the sibling Energy-KD code
 (see the DLKD chapter); they are kdlib's choices, not read in DLKD. Exact part: per-sample-T KD with T_b^2.
 
-.. math:: d_b = \big\| \sigma(z^t_b/\tau_d) - \sigma(z^{tp}_b/\tau_d) \big\|_2,\qquad
-          \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y) + \lambda_{KD}\,\frac{1}{B}\sum_b T_b^2\,
-          \mathrm{KL}\big(\sigma(z^t_b/T_b) \,\|\, \sigma(z^s_b/T_b)\big)
+.. math:: d_n = \big\| \sigma(z^t_n/\tau_d) - \sigma(z^{tp}_n/\tau_d) \big\|_2,\qquad
+          \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y) + \lambda_{KD}\,\frac{1}{B}\sum_n T_n^2\,
+          \mathrm{KL}\big(\sigma(z^t_n/T_n) \,\|\, \sigma(z^s_n/T_n)\big)
 
-``setup`` deep-copies the teacher, prunes every Conv2d and Linear weight (``pruning="layerwise"``:
-``l1_unstructured`` per layer; ``"global"``: ``global_unstructured`` over all of them) at ``pruning_ratio``,
-makes it permanent, and scores every (un-augmented) training image once; the difficulties and
-temperatures are buffers indexed by dataset index (``ctx.indices``). Mapping, with hard -> high T for
-``direction="hard_high"`` (``"inverse"`` swaps):
+(n indexes images.) ``setup`` deep-copies the teacher, prunes every Conv2d and Linear weight
+(``pruning="layerwise"``: ``l1_unstructured`` per layer; ``"global"``: ``global_unstructured`` over all of
+them) at ``pruning_ratio``, makes it permanent, and scores every (un-augmented) training image once
+(:func:`difficulty_scores`, in float32 whatever the run's autocast: the temperatures rank these scores,
+so they must not be ranked by bf16 rounding); the difficulties and temperatures are buffers indexed by
+dataset index (``ctx.indices``). Mapping, with hard -> high T for ``direction="hard_high"``
+(``"inverse"`` swaps):
 
 * ``mode="levels"``: :math:`d < Q(q)` (easy) -> T_low = 2, :math:`d > Q(1-q)` (hard) -> T_high = 6, else
   T_mid = 4; Q the linear-interpolation quantile over the training set, q = 0.2;
@@ -61,6 +63,17 @@ def pruned_copy(model: nn.Module, ratio: float, pruning: str = "layerwise") -> n
             prune.remove(m, "weight")
             m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
     return model
+
+
+def difficulty_scores(teacher: nn.Module, images, predict, pruning_ratio: float = 0.1,
+                      pruning: str = "layerwise", tau_d: float = 1.0):
+    """Every image's difficulty: the distance between the softmax of the teacher and of its pruned copy.
+
+    ``predict(model, uint8 images) -> logits`` is the engine's setup-time predict (float32); a chapter that
+    passes the same function (:func:`kdlib.experiments.setup_predict`) gets the very same scores.
+    """
+    pruned = pruned_copy(teacher, pruning_ratio, pruning)
+    return prediction_difficulty(predict(teacher, images), predict(pruned, images), tau_d).float()
 
 
 def difficulty_to_temperature(d, mode="levels", quantile=0.2, t_low=2.0, t_mid=4.0, t_high=6.0,
@@ -118,11 +131,8 @@ class DLKD(Method):
     def setup(self, ctx):
         if ctx.teacher is None:
             raise KDLibError("dlkd needs a teacher")
-        pruned = pruned_copy(ctx.teacher, self.pruning_ratio, self.pruning)
-        teacher_logits = ctx.predict(ctx.teacher, ctx.train_images)
-        pruned_logits = ctx.predict(pruned, ctx.train_images)
-        del pruned
-        d = prediction_difficulty(teacher_logits, pruned_logits, self.tau_d).float()
+        d = difficulty_scores(ctx.teacher, ctx.train_images, ctx.predict, self.pruning_ratio, self.pruning,
+                              self.tau_d)
         temps, facts = difficulty_to_temperature(d, self.mode, self.quantile, direction=self.direction,
                                                  **self.temps)
         if self.difficulty.shape == d.shape:  # in place when sized already (a captured graph keeps reading it)

@@ -5,7 +5,7 @@ Two views of every image, weak :math:`w` (crop + flip) and strong :math:`s` (cro
 + Cutout, :func:`kdlib.augment.strong_augment`), both through student and teacher. With
 :math:`P = \mathrm{softmax}(z/T)` and :math:`\mathcal{T} = \{4, 3, 5, 2, 6\}`:
 
-.. math:: I_T(z^s, z^t) = \frac{T^2}{B}\sum_b \mathrm{KL}(P^t_b \| P^s_b),\quad
+.. math:: I_T(z^s, z^t) = \frac{T^2}{B}\sum_n \mathrm{KL}(P^t_n \| P^s_n),\quad
           K_T = \frac{1}{C}\big\|P^{t\top}P^t - P^{s\top}P^s\big\|_F^2,\quad
           R_T = \frac{1}{B}\big\|P^tP^{t\top} - P^sP^{s\top}\big\|_F^2
 

@@ -2,8 +2,8 @@ r"""NKD, normalized knowledge distillation (Yang et al., ICCV 2023). Exact: the 
 (yzd-v/cls_KD ``mmcls/models/dis_losses/nkd.py``) with their CIFAR-100 config (temp 3, gamma 3.5).
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y)
-          - \frac{1}{B}\sum_b \mathrm{sg}(p^t_{b,y})\log p^s_{b,y}
-          - \gamma\,\frac{T^2}{B}\sum_b \sum_{i \ne y} \hat p^t_{b,i}(T)\,\log \hat p^s_{b,i}(T)
+          - \frac{1}{B}\sum_n \mathrm{sg}(p^t_{n,y})\log p^s_{n,y}
+          - \gamma\,\frac{T^2}{B}\sum_n \sum_{i \ne y} \hat p^t_{n,i}(T)\,\log \hat p^s_{n,i}(T)
 
 The target part at T = 1 with the teacher's target probability detached (sg); the non-target part a
 cross-entropy between the distributions renormalised over the C - 1 non-target classes at temperature T,

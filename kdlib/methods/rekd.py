@@ -3,14 +3,14 @@ r"""ReKD: Top-K Inter-class Similar Distillation (TISD) + Non-Top-K Inter-class 
 decomposition is exact mathematics; the loss follows public code of uncertain provenance (Top-K chosen
 from the student, no binary term, DKD-style warm-up); every default is kdlib's choice (see the ReKD chapter).
 
-For a class set K with teacher mass :math:`P^t_K`, :math:`\hat p` renormalised inside K and
+For a class set K with teacher mass :math:`P^t_K`, :math:`\tilde p` renormalised inside K and
 :math:`\check p` outside (exact identity, tested):
 
-.. math:: \mathrm{KL}(p^t\|p^s) = \mathrm{KL}(b^t_K\|b^s_K) + P^t_K\,\mathrm{KL}(\hat p^t_K\|\hat p^s_K)
+.. math:: \mathrm{KL}(p^t\|p^s) = \mathrm{KL}(b^t_K\|b^s_K) + P^t_K\,\mathrm{KL}(\tilde p^t\|\tilde p^s)
           + (1 - P^t_K)\,\mathrm{KL}(\check p^t\|\check p^s)
 
 .. math:: \mathcal{L} = \lambda_{CE}\,\mathrm{CE}(z^s, y) + \min(e/w, 1)\,T^2\big(\alpha\,\mathrm{TISD}
-          + \beta\,\mathrm{NTID}\big),\quad \mathrm{TISD} = \mathrm{KL}(\hat p^t_K\|\hat p^s_K),\;
+          + \beta\,\mathrm{NTID}\big),\quad \mathrm{TISD} = \mathrm{KL}(\tilde p^t\|\tilde p^s),\;
           \mathrm{NTID} = \mathrm{KL}(\check p^t\|\check p^s)
 
 Defaults [RECON]: K = 3 (the follow-up code's value), alpha = 1, beta = 8, T = 4, w = 20 warm-up epochs,
