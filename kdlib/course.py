@@ -117,7 +117,7 @@ def assignment_notebook(chapter: str, nb):
         f"# {title}: code exercises\n\n"
         f"From the chapter *{title}* of the Class-Aware Distillation Book. In each exercise, replace "
         f"`raise NotImplementedError()` with your code and run the check cell below it: it compares your "
-        f"function with kdlib's own on random logits and says what is wrong, if anything. When you hand "
+        f"function with kdlib's own on random inputs and says what is wrong, if anything. When you hand "
         f"the notebook in, the grader runs hidden tests of its own on cases you have not seen "
         f"({points} points in all).")
     out = [_nbgrader(intro, "intro", locked=True)]

@@ -21,22 +21,24 @@ from kdlib import course, exercises
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: one planted mistake per assignment: (text of the instructor's solution, its wrong version, sentence)
-PLANTED = {
-    "kd": ("return temperature**2 * kl.mean()", "return kl.mean()", "Your loss is T² times too small"),
-    "dkd": ("big = 1000.0 * F.one_hot(targets, student_logits.shape[1])", "big = 0.0",
-            "NCKD leaves the label out"),
-    "cwkd": ("losses.kd_per_sample(", "losses.kl_divergence(", "Your loss is T² times too small"),
-    "clkd": ("s = F.normalize(student_logits, dim=0)  # each class's column across the batch\n"
-             "    t = F.normalize(teacher_logits, dim=0)\n    return (s - t).pow(2).sum(dim=0).mean()",
-             "s = F.normalize(student_logits, dim=1)\n    t = F.normalize(teacher_logits, dim=1)\n"
-             "    return (s - t).pow(2).sum(dim=1).mean()", "L_cla takes each class's column"),
-    "rekd": ("return temperature**2 * kl.mean()", "return temperature * kl.mean()", "Your loss is T times too small"),
-    "aekt": ("ratio = ratio.detach()", "ratio = ratio", "Your weight r carries a gradient"),
-    "dlkd": ("torch.quantile(difficulty, 0.8)", "torch.quantile(difficulty, 0.2)", "only for the images in between"),
-    "logit_family": ("logits.std(dim=1, keepdim=True)", "logits.std(dim=1, keepdim=True, correction=0)",
-                     "population standard deviation"),
-}
+def planted(chapter: str):
+    """The planted mistake of a chapter's assignment, whatever the instructor's solution says: lines added
+    under the solution of one exercise that wrap it (``(exercise, source to append, the check's sentence)``).
+
+    The first exercise with a temperature is divided by T², which is right at T = 1 (the ``T = 1`` part
+    still scores); a chapter without one gets its first exercise doubled (its other exercise scores)."""
+    chosen = [e for e in exercises.for_chapter(chapter) if "temperature" in e.args] or exercises.for_chapter(chapter)
+    ex = chosen[0]
+    args = ", ".join(ex.args)
+    factor = "/ temperature**2" if "temperature" in ex.args else "* 2"
+    source = (f"\n\n_right_{ex.name} = {ex.name}\n\n\ndef {ex.name}({args}):\n"
+              f"    return _right_{ex.name}({args}) {factor}\n")
+
+    def wrong(**kw):  # the same mistake on kdlib's own answer: the sentence the check says
+        value = ex.reference(**kw)
+        return value / kw["temperature"] ** 2 if "temperature" in ex.args else value * 2
+
+    return ex.name, source, exercises.check(ex.name, wrong).message
 
 
 STUDENTS = ("instructor", "untouched", "planted")
@@ -54,10 +56,9 @@ def grade_chapters(folder: Path, chapters: list) -> dict:
     for chapter, release in released.items():
         source = folder / "source" / chapter / f"{chapter}.ipynb"
         wrong = nbformat.read(source, as_version=4)
-        old, new, _ = PLANTED[chapter]
-        hit = [c for c in wrong.cells if c.get("metadata", {}).get("nbgrader", {}).get("solution") and old in c.source]
-        assert len(hit) == 1, f"{chapter}: the planted mistake's text must be in exactly one solution cell"
-        hit[0].source = hit[0].source.replace(old, new)
+        name, lines, _ = planted(chapter)
+        (hit,) = [c for c in wrong.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == f"{name}-solution"]
+        hit.source += lines
         submissions = {"instructor": nbformat.read(source, as_version=4),
                        "untouched": nbformat.read(release, as_version=4), "planted": wrong}
         for student, nb in submissions.items():
@@ -94,8 +95,10 @@ def graded(tmp_path_factory):
 
 def test_every_chapter_with_exercises_is_an_assignment_with_a_planted_mistake():
     chapters = set(course.chapters_with_exercises(ROOT))
-    assert chapters == set(PLANTED), "each assignment needs a planted mistake in this test"
     assert {e.chapter for e in exercises.EXERCISES.values()} == chapters, "an exercise is not in its chapter"
+    for chapter in chapters:
+        name, lines, sentence = planted(chapter)
+        assert f"def {name}(" in lines and not sentence.startswith("Values agree"), (chapter, sentence)
 
 
 @pytest.mark.slow
@@ -114,7 +117,7 @@ def test_release_has_no_solutions_and_no_hidden_tests(graded):
 @pytest.mark.xdist_group("course_grading")
 def test_autograde_full_zero_and_partial_marks_with_the_sentence(graded):
     where, scores = graded
-    assert set(scores) == set(PLANTED)
+    assert set(scores) == set(course.chapters_with_exercises(ROOT))
     for chapter, folder in where.items():
         got = scores[chapter]
         assert got["max"] >= 2, chapter
@@ -123,7 +126,7 @@ def test_autograde_full_zero_and_partial_marks_with_the_sentence(graded):
         assert 0 < got["planted"] < got["max"], (chapter, got)
         feedback = folder / "feedback" / "planted" / chapter / f"{chapter}.html"
         text = html.unescape(re.sub(r"<[^>]+>", "", feedback.read_text()))
-        assert PLANTED[chapter][2] in text, f"{chapter}: the check's sentence is not in the feedback"
+        assert planted(chapter)[2] in text, f"{chapter}: the check's sentence is not in the feedback"
         untouched = folder / "feedback" / "untouched" / chapter / f"{chapter}.html"
         assert "Not done yet" in html.unescape(re.sub(r"<[^>]+>", "", untouched.read_text()))
         # the untouched notebook ran to the end: every check cell printed its verdict, none crashed

@@ -114,7 +114,17 @@ def dist_intra_loop(student_logits, teacher_logits, temperature):
     return (1 - torch.stack(rho).mean()) * temperature**2
 
 
-CORRECT = {"kd_loss": kd_loss_kl_div, "kd_grad": kd_grad_by_hand, "nckd_loss": nckd_minus_1000,
+#: Student's t, 97.5 % quantile, from a printed table (df: value), not from kdlib's own t
+T_TABLE = {1: 12.706205, 2: 4.302653, 3: 3.182446, 5: 2.570582, 9: 2.262157}
+
+
+def paired_interval_numpy(method_acc, baseline_acc):
+    d = np.asarray(method_acc, dtype=np.float64) - np.asarray(baseline_acc, dtype=np.float64)
+    half = T_TABLE[len(d) - 1] * np.sqrt(((d - d.mean()) ** 2).sum() / (len(d) - 1) / len(d))
+    return [d.mean() - half, d.mean() + half]
+
+
+CORRECT = {"paired_interval": paired_interval_numpy, "kd_loss": kd_loss_kl_div, "kd_grad": kd_grad_by_hand, "nckd_loss": nckd_minus_1000,
            "tckd_loss": tckd_two_bins, "cwkd_kd_term": cwkd_loop, "clkd_instance_loss": clkd_instance_norms,
            "clkd_class_loss": clkd_class_transposed, "rekd_tisd": tisd_gather,
            "aekt_explicit_loss": aekt_log_space, "dlkd_temperatures": dlkd_numpy, "dlkd_kd_loss": dlkd_loop,
@@ -227,6 +237,55 @@ def nckd_label_leaks_into_gradient(student_logits, teacher_logits, targets, temp
 def dlkd_kd_without_reshape(student_logits, teacher_logits, temperatures):
     log_p_s = F.log_softmax(student_logits / temperatures, dim=1)
     return log_p_s.sum()
+
+
+def interval_welch(method_acc, baseline_acc):
+    n = len(method_acc)
+    half = T_TABLE[n - 1] * (method_acc.var() / n + baseline_acc.var() / n).sqrt()
+    diff = method_acc.mean() - baseline_acc.mean()
+    return diff - half, diff + half
+
+
+def interval_all_runs_sd(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    half = T_TABLE[len(d) - 1] * torch.cat([method_acc, baseline_acc]).std() / len(d) ** 0.5
+    return d.mean() - half, d.mean() + half
+
+
+def interval_z2(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    half = 2 * d.std() / len(d) ** 0.5
+    return torch.stack([d.mean() - half, d.mean() + half])
+
+
+def interval_swapped(method_acc, baseline_acc):
+    low, high = paired_interval_numpy(method_acc, baseline_acc)
+    return high, low
+
+
+INTERVAL_MISTAKES = [
+    ("paired_interval", interval_welch, "each method's own spread over the seeds (an unpaired interval)"),
+    ("paired_interval", interval_all_runs_sd, "the pooled standard deviation of both methods' accuracies, not that "
+                                              "of the paired differences"),
+    ("paired_interval", interval_z2, "you used a z of 2 instead of the t quantile with n − 1 degrees of freedom"),
+    ("paired_interval", interval_swapped, "return (low, high)"),
+]
+
+
+@pytest.mark.parametrize("name,fn,expected", INTERVAL_MISTAKES, ids=lambda v: getattr(v, "__name__", None))
+def test_noise_aware_verdict_mistakes_are_named(name, fn, expected):
+    verdict = exercises.check(name, fn)
+    assert not verdict.passed and expected.lower() in verdict.message.lower(), verdict.message
+
+
+def test_the_interval_reference_is_the_paired_t_interval():
+    """kdlib.stats' interval against one computed by hand: d = (1, 2, 3, 6), mean 3, sd √(14/3), t(3)."""
+    case = core.Case({"method_acc": torch.tensor([51.0, 52.0, 53.0, 56.0], dtype=torch.float64),
+                      "baseline_acc": torch.full((4,), 50.0, dtype=torch.float64)}, 4, 1, 1.0, counts="seeds")
+    got = exercises.get("paired_interval").reference(**case.inputs)
+    half = T_TABLE[3] * (14 / 3) ** 0.5 / 2
+    assert torch.allclose(got, torch.tensor([3 - half, 3 + half], dtype=torch.float64), atol=1e-6)
+    assert case.describe() == "4 seeds"
 
 
 @pytest.mark.parametrize("name,fn,expected", [

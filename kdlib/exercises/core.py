@@ -64,8 +64,12 @@ class Case:
     B: int = 1
     C: int = 1
     T: float = 1.0
+    #: what B counts where it is not a batch of logits ("seeds"): the sentences say "B seeds"
+    counts: str = ""
 
     def describe(self) -> str:
+        if self.counts:
+            return f"{self.B} {self.counts}"
         if "difficulty" in self.inputs:
             return f"{self.B} images"
         parts = [f"B = {self.B}", f"C = {self.C}"]
@@ -372,7 +376,8 @@ def _compare(ex: Exercise, fn: Callable, cases: List[Case], aspects: Tuple[str, 
             return False, _sentence(ex, f"your values are right but their gradient is {_FACTOR_WORDS[gname]}")
     if name is not None:
         hint = ex.factor_hints.get(name, "")
-        return False, _sentence(ex, f"{noun} is {_FACTOR_WORDS[name]}" + (f": {hint}" if hint else ""))
+        verb = "are" if _plural(ex.what) else "is"
+        return False, _sentence(ex, f"{noun} {verb} {_FACTOR_WORDS[name]}" + (f": {hint}" if hint else ""))
     if values_ok:
         if problems:
             return False, _sentence(ex, problems[0])
@@ -398,8 +403,13 @@ def _compare(ex: Exercise, fn: Callable, cases: List[Case], aspects: Tuple[str, 
     if r.value.dim() == 0:
         return False, _sentence(ex, f"{noun} differs from kdlib's: with {c.describe()} yours is "
                                     f"{float(o.value):.6g}, expected {float(r.value):.6g}.{when}")
-    verb = "differ" if ex.what.endswith("s") else "differs"
+    verb = "differ" if _plural(ex.what) else "differs"
     return False, _sentence(ex, f"{noun} {verb} from kdlib's{_where(ex, o.value, r.value, c)}.{when}")
+
+
+def _plural(noun: str) -> bool:
+    """'temperatures', 'weights', 'standardised logits' (not 'loss'): the verb of the sentence."""
+    return noun.endswith("s") and not noun.endswith("ss")
 
 
 def _shape_sentence(ex: Exercise, mine: Tensor, expected: Tensor, case: Case) -> str:
@@ -440,7 +450,8 @@ def _checked(ex: Exercise, cases: List[Case], aspects: Tuple[str, ...]) -> str:
     shapes = ", ".join(f"{c.B}×{c.C}" if c.C > 1 else f"{c.B}" for c in cases)
     temps = sorted({c.T for c in cases if "temperature" in c.inputs})
     what = " and ".join("autograd gradients" if a == "gradients" else a for a in aspects)
-    size = "B × C = " if cases and cases[0].C > 1 else "sizes "
+    size = "B × C = " if cases and cases[0].C > 1 else (f"{cases[0].counts}: " if cases and cases[0].counts
+                                                         else "sizes ")
     t = f"; T = {', '.join(f'{x:g}' for x in temps)}" if temps else ""
     return f"{what} agree with {ex.reference_name} on {len(cases)} random cases ({size}{shapes}{t})"
 

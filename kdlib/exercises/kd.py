@@ -1,10 +1,15 @@
-"""Exercises of the KD chapter: the loss and its gradient."""
+"""Exercises of the KD chapter: the loss, its gradient, and the paired interval of its verdict."""
 from __future__ import annotations
 
+import math
+from typing import List
+
+import pandas as pd
+import torch
 import torch.nn.functional as F
 
 from kdlib import gradients, losses
-from kdlib.exercises.core import Exercise, Mistake, kl_rows, log_soft, logit_cases, register
+from kdlib.exercises.core import Case, Exercise, Mistake, kl_rows, log_soft, logit_cases, register
 
 
 def _kd_reverse(student_logits, teacher_logits, temperature):
@@ -115,4 +120,126 @@ register(Exercise(
         "1/B": "divide by B once (the batch mean), not twice",
     },
     parts=("T = 1", "values"),
+))
+
+
+# a noise-aware verdict: the paired t interval of the chapter's verdict table ------------------------------
+def _seed_cases(seed: int) -> List[Case]:
+    """Accuracies (%) of a method and its baseline over n seeds: the seed moves both (shared
+    initialisation and data order), so the paired differences vary less than either method's runs."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for n in (4, 3, 6, 10):
+        shared = 50.0 + 2.0 * torch.randn(n, generator=gen, dtype=torch.float64)
+        baseline = shared + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        method = shared + 1.0 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        cases.append(Case({"method_acc": method, "baseline_acc": baseline}, n, 1, 1.0, counts="seeds per method"))
+    return cases
+
+
+def _paired_interval_reference(method_acc, baseline_acc):
+    from kdlib import stats
+
+    d = stats.difference_of_values(pd.Series(method_acc.tolist()), pd.Series(baseline_acc.tolist()))
+    return torch.tensor(d.ci, dtype=torch.float64)
+
+
+def _interval(centre, half):
+    return torch.stack([centre - half, centre + half])
+
+
+def _pi_unpaired(method_acc, baseline_acc):
+    n = len(method_acc)
+    se = (method_acc.var() / n + baseline_acc.var() / n).sqrt()
+    return _interval(method_acc.mean() - baseline_acc.mean(), _t(n - 1) * se)
+
+
+def _pi_pooled(method_acc, baseline_acc):
+    n = len(method_acc)
+    sd = torch.cat([method_acc, baseline_acc]).std()
+    return _interval((method_acc - baseline_acc).mean(), _t(n - 1) * sd / math.sqrt(n))
+
+
+def _pi_z(z):
+    def interval(method_acc, baseline_acc):
+        d = method_acc - baseline_acc
+        return _interval(d.mean(), z * d.std() / math.sqrt(len(d)))
+    return interval
+
+
+def _pi_df_n(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    return _interval(d.mean(), _t(len(d)) * d.std() / math.sqrt(len(d)))
+
+
+def _pi_population_sd(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    return _interval(d.mean(), _t(len(d) - 1) * d.std(correction=0) / math.sqrt(len(d)))
+
+
+def _pi_sd_not_se(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    return _interval(d.mean(), _t(len(d) - 1) * d.std())
+
+
+def _pi_over_n(method_acc, baseline_acc):
+    d = method_acc - baseline_acc
+    return _interval(d.mean(), _t(len(d) - 1) * d.std() / len(d))
+
+
+def _pi_reversed(method_acc, baseline_acc):
+    d = baseline_acc - method_acc
+    return _interval(d.mean(), _t(len(d) - 1) * d.std() / math.sqrt(len(d)))
+
+
+def _pi_high_first(method_acc, baseline_acc):
+    return _paired_interval_reference(method_acc, baseline_acc).flip(0)
+
+
+def _t(df):
+    from kdlib import stats
+
+    return stats.t_critical(df)
+
+
+_T_HINT = "stats.t_critical(n - 1), the 97.5 % quantile of Student's t (3.18 for 4 seeds, 2.26 for 10)"
+
+register(Exercise(
+    name="paired_interval", chapter="kd", title="A noise-aware verdict: the paired interval",
+    practises="the 95 % interval of a difference of two methods over seeds: paired differences, their "
+              "standard error and the t quantile with n − 1 degrees of freedom",
+    args=("method_acc", "baseline_acc"),
+    reference=_paired_interval_reference,
+    reference_name="kdlib.stats.difference_of_values(...).ci",
+    cases=_seed_cases,
+    what="interval", wrt=None, scalar=False,
+    groups=lambda case: {"the lower end": torch.tensor([True, False]), "the upper end": torch.tensor([False, True])},
+    mistakes=[
+        Mistake("unpaired", _pi_unpaired,
+                "you used each method's own spread over the seeds (an unpaired interval); the runs are paired by "
+                "seed, so take the differences d = method_acc − baseline_acc first and use their standard "
+                "deviation: the seed's shared part cancels in d"),
+        Mistake("pooled", _pi_pooled,
+                "you used the pooled standard deviation of both methods' accuracies, not that of the paired "
+                "differences d = method_acc − baseline_acc"),
+        Mistake("z = 2", _pi_z(2.0), f"you used a z of 2 instead of the t quantile with n − 1 degrees of freedom: "
+                                     f"{_T_HINT}"),
+        Mistake("z = 1.96", _pi_z(1.959963984540054),
+                f"you used the normal's 1.96 instead of the t quantile with n − 1 degrees of freedom: {_T_HINT}; "
+                f"with a few seeds the standard deviation is itself uncertain"),
+        Mistake("n degrees of freedom", _pi_df_n,
+                "you used n degrees of freedom; n paired differences have n − 1 (one is spent on their mean): "
+                "stats.t_critical(n - 1)"),
+        Mistake("population sd", _pi_population_sd,
+                "you used the population standard deviation (÷ n); use the sample standard deviation of the "
+                "differences (÷ (n − 1)), torch's default d.std()"),
+        Mistake("sd, not standard error", _pi_sd_not_se,
+                "your half-width uses the standard deviation of the differences; their mean varies less: divide "
+                "by √n (the standard error sd / √n)"),
+        Mistake("divided by n", _pi_over_n, "divide the standard deviation by √n, not by n"),
+        Mistake("baseline minus method", _pi_reversed,
+                "you computed baseline − method; the verdict is about method_acc − baseline_acc"),
+        Mistake("high end first", _pi_high_first, "your ends are swapped: return (low, high), the lower end first"),
+    ],
+    parts=("values",),
 ))
