@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -157,29 +155,11 @@ def jupyterlab(lab_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from test_pages import CHROMIUM_FLAGS, find_chromium
+    from test_pages import CHROMIUM_FLAGS, chromium_driver
 
-    found, reason = find_chromium()
-    if found is None:
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, chromedriver = found
-    profile = Path(tempfile.mkdtemp(prefix="kdlib-lab-chromium-"))
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
     # 127.0.0.1 must resolve: the page is served locally; every other name stays unresolvable
     flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--host-resolver-rules")]
-    for flag in flags + [f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
-    driver.set_page_load_timeout(120)
-    driver.set_script_timeout(120)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from chromium_driver(flags + ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"], timeout=120)
 
 
 RENDERED_TEXT_JS = r"""
