@@ -238,7 +238,7 @@ def _run(ex: Exercise, fn: Callable, case: Case, dtype=torch.float32) -> Outcome
         hint = ""
         if "must match the size of tensor" in str(exc) and "temperatures" in inputs:
             hint = ("; the temperatures have shape (B,): reshape them to (B, 1) (temperatures[:, None]) so that "
-                    "each row is divided by its own T_b")
+                    "each row is divided by its own T_n")
         return Outcome(problem=f"your function raised {type(exc).__name__}: {str(exc).strip().splitlines()[0]} "
                                f"on a case with {case.describe()}{_your_line(fn, exc)}{hint}")
     if out is None:

@@ -70,12 +70,12 @@ register(Exercise(
     cases=_cwkd_cases,
     mistakes=[
         Mistake("not normalised", _cwkd_unnormalised,
-                "your weights are not divided by their batch mean: CWKD normalises w_b = 1 + γ[y_b ∈ H] so "
+                "your weights are not divided by their batch mean: CWKD normalises w_n = 1 + γ[y_n ∈ H] so "
                 "that they average 1 over the batch and the total KD weight stays that of KD"),
         Mistake("gamma instead of 1 + gamma", _cwkd_gamma_only,
                 "a hard class's sample gets 1 + γ before the normalisation, not γ (γ = 0 must give KD back)"),
         Mistake("hard by prediction", _cwkd_by_prediction,
-                "you looked up the student's predicted class; the weight follows each sample's label y_b"),
+                "you looked up the student's predicted class; the weight follows each sample's label y_n"),
     ],
     factor_hints={"1/T²": "use losses.kd_per_sample, which includes T², or multiply by T²",
                   "T²": "losses.kd_per_sample already includes T²: do not multiply again",

@@ -87,7 +87,7 @@ def _dlkd_kd_cases(seed: int) -> List[Case]:
 
 register(Exercise(
     name="dlkd_kd_loss", chapter="dlkd", title="KD with one temperature per sample",
-    practises="broadcasting a per-sample temperature (B, 1) over the classes, and T_b² per sample",
+    practises="broadcasting a per-sample temperature (B, 1) over the classes, and T_n² per sample",
     args=("student_logits", "teacher_logits", "temperatures"),
     reference=lambda student_logits, teacher_logits, temperatures: losses.kd_loss_per_sample_temperature(
         student_logits, teacher_logits, temperatures),
@@ -95,10 +95,10 @@ register(Exercise(
     cases=_dlkd_kd_cases,
     mistakes=[
         Mistake("square of the mean temperature", _dlkd_mean_t,
-                "you multiplied by the square of the mean temperature: each sample's KL gets its own T_b², "
+                "you multiplied by the square of the mean temperature: each sample's KL gets its own T_n², "
                 "(temperatures**2 * kl).mean()"),
-        Mistake("no T_b²", _dlkd_no_t2,
-                "multiply each sample's KL divergence by its own T_b² before averaging"),
+        Mistake("no T_n²", _dlkd_no_t2,
+                "multiply each sample's KL divergence by its own T_n² before averaging"),
     ],
     factor_hints={"B": "you summed over the batch: average over it"},
     parts=("values", "gradients"),
