@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -119,23 +119,38 @@ def executed_parameters(path: Path) -> Optional[Dict]:
         return None
 
 
-def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path) -> float:
-    """Execute one chapter into ``dst`` (ipynb); returns the seconds it took."""
+def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path, collect: Optional[Path] = None) -> float:
+    """Execute one chapter into ``dst`` (ipynb); returns the seconds it took.
+
+    ``collect``: the book's executor path (:func:`run_book_on_executor`): the chapter's kernel records the
+    runs it lacks in that file instead of training them, and a cell that fails does not stop the chapter
+    (unless the kernel waits for those runs to be trained, ``KDLIB_COLLECT_WAIT``).
+    """
     import nbformat
     import papermill
+
+    from kdlib.runs import COLLECT_ENV, WAIT_ENV
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     unexecuted = dst.with_suffix(".input.ipynb")
     nbformat.write(read_notebook(src), unexecuted)
     start = time.perf_counter()
+    before = os.environ.pop(COLLECT_ENV, None)
+    if collect is not None:  # the kernel inherits this process's environment
+        os.environ[COLLECT_ENV] = str(collect)
     try:
         papermill.execute_notebook(
             str(unexecuted), str(dst), parameters=parameters, kernel_name="python3",
-            progress_bar=False, cwd=str(cwd),
+            progress_bar=False, cwd=str(cwd), allow_errors=collect is not None and not os.environ.get(WAIT_ENV),
         )
     except papermill.PapermillExecutionError as exc:
+        if collect is not None and not os.environ.get(WAIT_ENV):
+            return time.perf_counter() - start
         raise KDLibError(f"chapter {src.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}")
     finally:
+        os.environ.pop(COLLECT_ENV, None)
+        if before is not None:
+            os.environ[COLLECT_ENV] = before
         unexecuted.unlink(missing_ok=True)
     errors = [o for c in nbformat.read(dst, as_version=4).cells for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
@@ -349,10 +364,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namespace, jobs: int) -> None:
-    """Execute ``names`` (longest first) ``jobs`` at a time, each by ``kdlib book --only`` in a process of
-    its own with ``cores // jobs`` torch threads; a failure stops the build with the chapter's log."""
-    staging = root / STAGING
+def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namespace, jobs: int,
+                             extra: Sequence[str] = (), poll=None) -> None:
+    """Execute ``names`` (longest first) ``jobs`` at a time, each by ``kdlib book --only`` (with ``extra``
+    arguments) in a process of its own with ``cores // jobs`` torch threads; a failure stops the build with
+    the chapter's log. ``poll()`` is called twice a second meanwhile."""
+    staging = Path(args.staging) if getattr(args, "staging", None) else root / STAGING
     logs = root / "_build" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     order = sorted(names, key=lambda n: -expected_seconds(source_of(root, n), staging / f"{n}.ipynb"))
@@ -370,10 +387,12 @@ def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namesp
             while pending and len(running) < jobs:
                 name = pending.pop(0)
                 log = open(logs / f"{Path(name).name}.log", "w")
-                proc = subprocess.Popen(base + ["--only", name], cwd=root, env=env, stdout=log,
+                proc = subprocess.Popen(base + ["--only", name, *extra], cwd=root, env=env, stdout=log,
                                         stderr=subprocess.STDOUT, text=True)
                 running[name] = (proc, log, time.perf_counter())
             time.sleep(0.5)
+            if poll is not None:
+                poll()
             for name, (proc, log, start) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -414,12 +433,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "parameters) instead of executing it again; repeatable; `all`: every chapter last "
                              "executed with other parameters")
     parser.add_argument("--no-stage", action="store_true", help=argparse.SUPPRESS)  # a side-by-side chapter
+    from kdlib.bookruns import add_book_executor_arguments
+
+    add_book_executor_arguments(parser)
 
 
-def _execute_here(root: Path, staging: Path, name: str, parameters: Dict, profile: str) -> None:
-    print(f"executing {name} ({profile}) ...", flush=True)
+def _execute_here(root: Path, staging: Path, name: str, parameters: Dict, profile: str,
+                  collect: Optional[Path] = None) -> None:
+    print(f"{'collecting the runs of' if collect else 'executing'} {name} ({profile}) ...", flush=True)
     seconds = execute_chapter(source_of(root, name), staging / f"{name}.ipynb", parameters,
-                              cwd=(staging / name).parent)
+                              cwd=(staging / name).parent, collect=collect)
     print(f"  {name}: {seconds:.0f} s", flush=True)
 
 
@@ -438,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ["KDLIB_DATA"] = str(Path(args.data_root).resolve())
     if args.pdf:
         check_pdf_tools()  # before an hour of execution, not after
-    staging = root / STAGING
+    staging = Path(args.staging) if args.staging else root / STAGING
     names = toc_files(root)
     if args.only:
         wanted = {n if "/" in n else f"book/{n}" for n in args.only}
@@ -452,6 +475,14 @@ def run(args: argparse.Namespace) -> int:
     staging.mkdir(parents=True, exist_ok=True)
     if not args.no_stage:
         stage(root, staging)
+    if args.collect:  # one chapter of run_book_on_executor, recording the runs it lacks
+        if args.wait_runs:
+            from kdlib.runs import WAIT_ENV
+
+            os.environ[WAIT_ENV] = "1"
+        for name in names:
+            _execute_here(root, staging, name, parameters, args.profile, Path(args.collect) / f"{Path(name).name}.jsonl")
+        return 0
     total = time.perf_counter()
     kept = kept_chapters(root, staging, args.keep, names) if args.keep else []
     for name in kept:
@@ -466,6 +497,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         todo.append(name)
     jobs = args.jobs or _cores()
+    if args.executor:
+        status = run_book_on_executor(root, staging, todo, args, jobs)
+        if status or args.plan:
+            return status
+        todo = []  # every chapter executed, its runs found
     # the first chapter trains the shared teacher and the last reads every run: they run alone
     alone_first, side_by_side, alone_last = (todo[:1], todo[1:-1], todo[-1:]) if jobs > 1 and len(todo) >= 4 \
         else (todo, [], [])
@@ -486,3 +522,72 @@ def run(args: argparse.Namespace) -> int:
     index = build_html(root, staging)
     print(f"book: {index}")
     return 0
+
+
+# -- the whole book's runs on an executor: kdlib book --executor local|slurm|pool ----------------------
+def chapter_error(path: Path) -> Optional[str]:
+    """The first error an executed notebook shows (``cell N: Type: message``); None without one (or file)."""
+    import nbformat
+
+    cells = nbformat.read(path, as_version=4).cells if path.is_file() else []
+    errors = [f"cell {c.get('execution_count')}: {o.get('ename')}: {o.get('evalue')}" for c in cells
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return errors[0] if errors else ("not executed" if not path.is_file() else None)
+
+
+def run_book_on_executor(root: Path, staging: Path, names: List[str], args: argparse.Namespace, jobs: int) -> int:
+    """The whole book's runs on an executor, then the chapters, which train nothing.
+
+    1. Every chapter executes in collect mode: it records the runs it lacks and goes on past the cells
+       that needed them (their errors ignored), so its analyses do not wait for training.
+    2. The runs they asked for are trained on ``--executor`` (Slurm: arrays, the teachers' first), with a
+       progress bar. ``--plan`` stops here, printing the plan (``$KDLIB_HOME/book-<profile>.json`` holds
+       every run's resolved recipe).
+    3. The chapters execute for real, finding every record. A run a chapter asks for only now (one that
+       depends on a result) is recorded and trained on the executor while the chapter waits.
+    Returns 1 when a run failed, naming it and the command that resumes the book (the same command).
+    """
+    from kdlib import runs
+    from kdlib.bookruns import BookRuns
+
+    jobs, folder = min(jobs, max(1, len(names))), staging / "_runs_asked"
+    book = BookRuns(args, folder)
+    extra = ["--collect", str(folder), "--staging", str(staging)]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    _execute_in_subprocesses(root, names, args, jobs, extra=extra)
+    todo = book.new()
+    print(f"collected: {len(todo)} runs to train ({sum(r.role == 'teacher' for r in todo)} teachers) for "
+          f"{len(names)} chapters in {time.perf_counter() - start:.0f} s", flush=True)
+    first = book.asked()  # every run each chapter reached; those executed again below reach all of theirs
+    plan_file = book.home / f"book-{args.profile}.json"
+    runs.write_plan(plan_file, todo, {"command": book.command, "chapters": {n: [r.label for r in rs] for n, rs in first.items()}})
+    if args.plan:
+        runs.print_plan(todo, verbose=args.verbose)
+        for name, asked in book.asked().items():
+            print(f"{name}: {len(asked)} runs, {sum(not r.finished() for r in asked)} to train")
+        print(f"\n{len(todo)} runs to train (chapters may ask for more once these are trained); their resolved "
+              f"recipes: {book.home / f'book-{args.profile}.json'}")
+        return 0
+    book.train(todo, "collected")
+    if book.failed:
+        return book.report()
+    lacked = book.asked(missing=True)  # a chapter that lacked no run and shows no error has executed completely
+    names = [n for n in names if lacked.get(Path(n).name) or chapter_error(staging / f"{n}.ipynb")]
+    shutil.rmtree(folder)
+    folder.mkdir()
+    try:
+        if names:
+            _execute_in_subprocesses(root, names, args, jobs, extra=[*extra, "--wait-runs"], poll=book.poll)
+    finally:  # also when a chapter failed: the runs that failed, and how to resume, are named
+        if book.thread is not None:
+            book.thread.join()
+        status = book.report()
+    asked = {**first, **book.asked()}
+    chapters = {n: [r.label for r in rs] for n, rs in asked.items()}
+    runs.write_plan(plan_file, list({str(r.run_dir): r for rs in asked.values() for r in rs}.values()),
+                    {"command": book.command, "chapters": chapters})
+    print("runs per chapter: " + ", ".join(f"{n} {len(labels)}" for n, labels in sorted(chapters.items())))
+    shutil.rmtree(folder)  # nothing of the collection stays beside the executed chapters
+    return status

@@ -8,10 +8,15 @@ presets; any field can be overridden::
     cfg = make_config("smoke", method="dkd", student="resnet8", out="runs/dkd")
     cfg = apply_overrides(cfg, ["epochs=30", "beta=2", "lr=0.1"])
 
-Fields left ``None`` are filled in by :meth:`RunConfig.resolved` from the CIFAR-100 protocol (methods.md
-section 1.2): the learning rate is 0.05, or 0.01 for MobileNetV2/ShuffleNet students; the decay milestones
-are the paper's 150/180/210 out of 240 epochs, scaled to the run's length; the method's hyperparameters
-are its defaults, then its per-pair defaults (``Method.pair_defaults``, e.g. DKD's beta), then the user's.
+One place assembles and resolves a run's recipe, in this order: the profile's preset, the caller's
+fields, the ``--set`` overrides (:func:`make_config`; every front door -- the book's ``Setting``, the
+sweep's grid, ``kdlib train`` -- only gathers these), then :meth:`RunConfig.resolved` fills in what is
+left ``None`` from the method and pair's recipe and the CIFAR-100 protocol: the learning rate (the
+method authors' where it differs, ``Method.recipe``, else 0.05, or 0.01 for MobileNetV2/ShuffleNet
+students), the decay milestones (150/180/210 of 240 epochs, scaled to the run's length), the method's
+hyperparameters (its defaults with the warm-up scaled to the run's length, then its per-pair table
+``Method.per_pair``, e.g. DKD's beta, then the user's) and the teacher's recipe.
+``python -m kdlib train ... --dry-run`` prints the resolved recipe of a run without training it.
 
 | profile | data | teacher -> student | teacher recipe | student recipe |
 |---|---|---|---|---|
@@ -101,9 +106,9 @@ class RunConfig:
     # "auto" = on for CUDA, off on CPU; false = eager steps; true on a machine without CUDA is an error.
     # With graph on, teacher_cache=auto fills the cache up front (full) when it fits, because a graph
     # cannot fill a lazy cache (a miss needs the host); an incomplete cache falls back to the live teacher
-    # inside the graph. Chosen from shared/gpu-notes.md (a full bf16 fill of 50k x 162 views ~100 s,
-    # once per teacher and data, shared by every run; the teacher's graphed forward ~1 ms per batch of
-    # 64, ~3 min over a 240-epoch run), not measured by the issue-12 change (it had no GPU).
+    # inside the graph. Chosen from GPU measurements made elsewhere (a full bf16 fill of 50k x 162 views
+    # ~100 s, once per teacher and data, shared by every run; the teacher's graphed forward ~1 ms per
+    # batch of 64, ~3 min over a 240-epoch run), not measured in this repository's CI (it has no GPU).
     graph: Any = "auto"
 
     # -- conversions ----------------------------------------------------------------------------
@@ -141,10 +146,11 @@ class RunConfig:
             # a warm-up is part of the recipe's shape, like the milestones: 20 of 240 epochs, scaled
             params["warmup"] = scaled_warmup(self.epochs, params["warmup"])
         if cls.uses_teacher and self.teacher:
-            pair = getattr(cls, "pair_defaults", None)
-            if pair is not None:
-                params.update({k: v for k, v in pair(self.teacher, self.student).items()})
-        params.update(self.method_params or {})
+            pair = (self.teacher, self.student)
+            params.update({name: table[pair] for name, table in cls.per_pair.items() if pair in table})
+        # the value counts, not its spelling: 2 for a hyperparameter whose default is 2.0 is the same run
+        params.update({k: float(v) if isinstance(cls.defaults.get(k), float) and type(v) is int else v
+                       for k, v in (self.method_params or {}).items()})
         return params
 
     def method_recipe(self) -> Dict[str, Any]:
@@ -156,6 +162,9 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         """A copy with every ``None`` default filled in and the method's hyperparameters spelt out."""
         cfg = self.replace()
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "teacher_lr"):  # 1 and 1.0: one recipe
+            if type(getattr(cfg, name)) is int:
+                setattr(cfg, name, float(getattr(cfg, name)))
         if cfg.lr is None:  # the method authors' recipe where it differs (MLKD: 0.025), else the protocol's
             cfg.lr = self.method_recipe().get("lr") or default_lr(cfg.student)
         if cfg.milestones is None:
@@ -196,17 +205,10 @@ class RunConfig:
         r = self.resolved()
         if r.teacher is None:
             raise KDLibError(f"method {self.method!r} uses no teacher")
-        return RunConfig(
-            method="vanilla", method_params={}, teacher=None, student=r.teacher, dataset=r.dataset,
-            data_root=r.data_root, train_per_class=r.train_per_class, test_per_class=r.test_per_class,
-            data_seed=r.data_seed, profile=r.profile, epochs=r.teacher_epochs, batch_size=r.batch_size,
-            lr=r.teacher_lr, momentum=r.momentum, weight_decay=r.weight_decay,
-            milestones=r.teacher_milestones, lr_decay=r.lr_decay, seed=r.teacher_seed,
-            teacher_checkpoint=None, teacher_epochs=None, teacher_lr=None, teacher_milestones=None,
-            teacher_seed=None, teachers_dir=self.teachers_dir, out=None, device=self.device,
-            amp=self.amp, channels_last=self.channels_last, eval_batch_size=self.eval_batch_size,
-            compile=self.compile, graph=self.graph,
-        )
+        # the data, the shared recipe and the execution fields stay; the teacher's own recipe becomes the run's
+        own = dict(student=r.teacher, epochs=r.teacher_epochs, lr=r.teacher_lr, milestones=r.teacher_milestones,
+                   seed=r.teacher_seed)
+        return r.replace(method="vanilla", method_params={}, out=None, **own).resolved()
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -360,17 +362,20 @@ PROFILES: Dict[str, Dict[str, Any]] = {
 }
 
 
-def make_config(profile: str = "smoke", **overrides: Any) -> RunConfig:
-    """The profile's preset with ``overrides`` (any :class:`RunConfig` field), validated."""
+def make_config(profile: str = "smoke", overrides: Iterable[str] = (), **fields: Any) -> RunConfig:
+    """A run's recipe: the profile's preset, then ``fields`` (any :class:`RunConfig` field), then the
+    ``--set`` items ``overrides`` (:func:`apply_overrides`); validated. The one place every front door
+    builds a config; :meth:`RunConfig.resolved` fills in the rest."""
     if profile not in PROFILES:
         raise unknown_name("profile", str(profile), PROFILES)
     valid = field_names()
-    unknown = sorted(set(overrides) - set(valid))
+    unknown = sorted(set(fields) - set(valid))
     if unknown:
         raise KDLibError(f"unknown config field {', '.join(map(repr, unknown))}; valid fields: "
                          f"{', '.join(valid)}")
-    values = {**PROFILES[profile], **overrides, "profile": profile}
-    return RunConfig(**copy.deepcopy(values)).validate()
+    values = {**PROFILES[profile], **fields, "profile": profile}
+    cfg = RunConfig(**copy.deepcopy(values)).validate()
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 # -- --set key=value ------------------------------------------------------------------------------

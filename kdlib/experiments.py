@@ -71,14 +71,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor, nn
 
 from kdlib import config as kconfig
@@ -109,7 +107,8 @@ class Setting:
 
     Build it with :meth:`from_parameters` from the chapter's parameters; ``None`` means "the profile's
     value" (see :data:`kdlib.config.PROFILES`). ``extra`` holds further :class:`~kdlib.config.RunConfig`
-    fields (``device``, ``data_root``, ``teacher_checkpoint``, ``lr``, ...) applied to every run.
+    fields (``device``, ``data_root``, ``teacher_checkpoint``, ``lr``, ...) applied to every run. A thin
+    front door: the recipe itself is assembled and resolved by :func:`kdlib.config.make_config`.
     """
 
     profile: str
@@ -132,8 +131,6 @@ class Setting:
                         seeds: Union[int, Iterable[int]] = (0,), tiny: bool = False,
                         **extra: Any) -> "Setting":
         """The setting of a chapter's ``parameters`` cell; validated (an unknown field raises)."""
-        if profile not in kconfig.PROFILES:
-            raise KDLibError(f"unknown profile {profile!r}; profiles: {', '.join(kconfig.PROFILES)}")
         given = dict(dataset=dataset, teacher=teacher, student=student, epochs=epochs,
                      teacher_epochs=teacher_epochs, train_per_class=train_per_class,
                      test_per_class=test_per_class)
@@ -142,34 +139,31 @@ class Setting:
             if values.get(name) == "all":
                 values[name] = None
         base = kconfig.make_config(profile, method="kd", **values, **extra)  # validates every field
-        return cls(profile=profile, dataset=base.dataset, teacher=base.teacher, student=base.student,
-                   epochs=base.epochs, teacher_epochs=base.teacher_epochs,
-                   train_per_class=base.train_per_class, test_per_class=base.test_per_class,
-                   seeds=_seeds(seeds), tiny=bool(tiny), extra=tuple(sorted(extra.items())))
+        return cls(profile=profile, **{k: getattr(base, k) for k in given}, seeds=_seeds(seeds), tiny=bool(tiny),
+                   extra=tuple(sorted(extra.items())))
 
     # -- runs ------------------------------------------------------------------------------------
     def base_config(self, method: str = "kd") -> kconfig.RunConfig:
-        fields = dict(dataset=self.dataset, teacher=self.teacher, student=self.student, epochs=self.epochs,
-                      teacher_epochs=self.teacher_epochs, train_per_class=self.train_per_class,
-                      test_per_class=self.test_per_class, **dict(self.extra))
-        return kconfig.make_config(self.profile, method=method, **fields)
+        fields = {k: getattr(self, k) for k in ("dataset", "teacher", "student", "epochs", "teacher_epochs",
+                                                 "train_per_class", "test_per_class")}
+        return kconfig.make_config(self.profile, method=method, **fields, **dict(self.extra))
 
     def method_params(self, method: str, **method_params: Any) -> Dict[str, Any]:
-        """The hyperparameters the book passes for ``method``: the given ones, plus a scaled warm-up
-        (the one every run's recipe gets, :func:`kdlib.config.scaled_warmup`, written out in the config)."""
-        from kdlib import methods
-
+        """The hyperparameters the book passes for ``method``: the given ones, plus the scaled warm-up every
+        run's recipe gets (:func:`kdlib.config.scaled_warmup`), written out in the config."""
         params = dict(method_params)
-        if "warmup" in methods.get(method).defaults and "warmup" not in params:
-            params["warmup"] = scaled_warmup(self.epochs, methods.get(method).defaults["warmup"])
+        warmup = self.base_config(method).method_hparams().get("warmup")
+        if warmup is not None and "warmup" not in params:
+            params["warmup"] = warmup
         return params
 
     def config(self, method: str, seed: int, **method_params: Any) -> kconfig.RunConfig:
         """The validated :class:`RunConfig` of one run, with its deterministic output directory."""
-        cfg = self.base_config(method).replace(seed=int(seed),
-                                               method_params=self.method_params(method, **method_params))
+        from kdlib.runs import run_directory
+
+        cfg = self.base_config(method).replace(seed=int(seed), method_params=self.method_params(method, **method_params))
         cfg.validate()
-        return cfg.replace(out=str(_directory(cfg)))
+        return cfg.replace(out=str(run_directory(cfg)))
 
     def with_seeds(self, seeds) -> "Setting":
         return dataclasses.replace(self, seeds=_seeds(seeds))
@@ -179,12 +173,6 @@ def scaled_warmup(epochs: int, warmup: int = PAPER_WARMUP, of: int = kconfig.PAP
     """The papers' warm-up (20 of 240 epochs) scaled to ``epochs`` (:func:`kdlib.config.scaled_warmup`,
     which every run's recipe applies to a warm-up it does not set)."""
     return kconfig.scaled_warmup(epochs, warmup, of)
-
-
-def _directory(cfg: kconfig.RunConfig) -> Path:
-    r = cfg.resolved()
-    pair = f"{r.teacher}-{r.student}" if r.teacher else r.student
-    return kconfig.kdlib_home() / "runs" / r.profile / f"{r.method}-{pair}-s{r.seed}-{cfg.identity_hash()}"
 
 
 def run_dir(setting: Setting, method: str, seed: int, **method_params: Any) -> Path:
@@ -202,55 +190,17 @@ def _finished(path: Path) -> bool:
         return False
 
 
-def _where(out: Path) -> str:
-    """Where a run's record lives, in words a reader of the book can follow to the files."""
-    return f"record: $KDLIB_HOME/runs/{out.parent.name}/{out.name}"
-
-
-def _lock_path(out: Path) -> Path:
-    """The lock that lets one process train a run while the others wait for it (outside the run's folder,
-    which the engine wants either empty or holding this very run)."""
-    return kconfig.kdlib_home() / "locks" / f"{out.parent.name}-{out.name}.lock"
-
-
-def _train_one(cfg: kconfig.RunConfig, verbose: bool = False) -> Optional[float]:
-    """Train ``cfg`` (or resume it); None when it had already finished. Holds the run's lock."""
-    from kdlib import engine
-    from kdlib.io import file_lock
-
-    out = Path(cfg.out)
-    with file_lock(_lock_path(out)):
-        if _finished(out):
-            engine.train(cfg, progress=False, verbose=False)  # checks the record is this very run
-            return None
-        start = time.perf_counter()
-        engine.train(cfg, progress=False, verbose=verbose)
-        return time.perf_counter() - start
-
-
-def _train_in_worker(cfg: kconfig.RunConfig, threads: int) -> Optional[float]:
-    """One run in a worker process of :func:`run_all`'s pool, with ``threads`` torch threads."""
-    torch.set_num_threads(threads)
-    return _train_one(cfg)
-
-
-def _report(what: str, out: Path, seconds: Optional[float], how: str = "") -> None:
-    if seconds is None:
-        print(f"{what}: reused, finished earlier ({_where(out)})", flush=True)
-    else:
-        print(f"{what}: trained now in {seconds:.0f} s{how} ({_where(out)})", flush=True)
-
-
 def run(setting: Setting, method: str, seed: int, verbose: bool = False, **method_params: Any) -> Path:
     """Train the run (or reuse it when finished, resume it when interrupted); return its directory.
 
-    Prints one line: reused, or trained in how many seconds. ``verbose=True`` shows the engine's
-    per-epoch lines. Two processes asking for the same run do not both train it: one waits on the
-    run's lock and then reuses it.
+    Prints nothing (a tqdm bar on a terminal while it trains); ``verbose=True`` shows the engine's
+    per-epoch lines. Two processes asking for the same run do not both train it: one waits on the run's
+    lock and then reuses it.
     """
+    from kdlib import runs
+
     cfg = setting.config(method, seed, **method_params)
-    what = method + (f" {method_params}" if method_params else "") + f", seed {seed}"
-    _report(what, Path(cfg.out), _train_one(cfg, verbose=verbose))
+    runs.ensure(runs.plan([cfg]), verbose=verbose)
     return Path(cfg.out)
 
 
@@ -264,115 +214,11 @@ def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
     return method, dict(params or {})
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
-    """How many of ``configs`` :func:`run_all` trains at once: one per CPU core on a CPU-only run, else 1.
+    """How many runs :func:`run_all` trains at once (:func:`kdlib.runs.run_workers`)."""
+    from kdlib.runs import run_workers as workers
 
-    Small CIFAR networks use two cores poorly (on the 2-core book machine, idle, two smoke runs took
-    58-63 s one after the other with 2 threads and 48.5 s side by side with 1 thread each: 1.25x), so
-    independent runs go to worker processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one by one in this process. A run's
-    numbers depend (in the last bits, like any float sum) on its thread count, recorded in its
-    ``metrics.json`` (``segments[].threads``).
-    """
-    import os
-
-    setting = os.environ.get("KDLIB_RUN_WORKERS", "").strip()
-    if setting:
-        if not setting.isdigit() or int(setting) < 1:
-            raise KDLibError(f"KDLIB_RUN_WORKERS must be a whole number >= 1, not {setting!r}")
-        wanted = int(setting)
-    else:
-        on_gpu = any(str(c.device).startswith("cuda") or (c.device == "auto" and torch.cuda.is_available())
-                     for c in configs)
-        wanted = 1 if on_gpu else _cores()
-    return max(1, min(wanted, len(configs)))
-
-
-_POOL: Dict[Tuple, Any] = {}
-
-
-def _worker_ignores_interrupts() -> None:
-    """Ctrl-C, or a notebook server stopping its kernel's process group, is for the kernel: the kernel
-    cancels what has not started and the pool's workers exit when it goes (no traceback from each)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _pool(workers: int, threads: int):
-    """A process pool kept for the life of this process (a chapter asks for runs several times).
-
-    Workers read ``KDLIB_HOME`` and the other settings from the environment they were started with, so a
-    changed environment gets a new pool.
-    """
-    import atexit
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
-    key = (workers, threads, tuple(sorted(os.environ.items())))
-    if key not in _POOL:
-        for old in _POOL.values():
-            old.shutdown(wait=True)
-        _POOL.clear()
-        # spawn, not fork: forking a process whose OpenMP threads have run can hang the child
-        _POOL[key] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_worker_ignores_interrupts)
-        atexit.register(_POOL[key].shutdown, wait=False, cancel_futures=True)
-    return _POOL[key]
-
-
-def _ensure_teachers(configs: Sequence[kconfig.RunConfig]) -> None:
-    """Train any missing teacher here, with every thread, before workers with one thread each need it."""
-    from kdlib import teachers
-
-    done = set()
-    for cfg in configs:
-        if not cfg.uses_teacher or cfg.teacher_checkpoint:
-            continue
-        path = teachers.teacher_path(cfg)
-        if path in done or path.is_file():
-            continue
-        data = _load_data(cfg.dataset, cfg.data_root, cfg.train_per_class, cfg.test_per_class, cfg.data_seed)
-        teachers.get_teacher(cfg, data, "cpu", verbose=False)
-        done.add(path)
-
-
-def _train_all(todo: Sequence[Tuple[str, kconfig.RunConfig]], verbose: bool) -> None:
-    """Train (or reuse) every ``(what, config)``, several at once where :func:`run_workers` allows."""
-    pending = []
-    for what, cfg in todo:
-        if _finished(Path(cfg.out)):
-            _report(what, Path(cfg.out), _train_one(cfg))
-        else:
-            pending.append((what, cfg))
-    workers = 1 if verbose else run_workers([cfg for _, cfg in pending])
-    if workers == 1:
-        for what, cfg in pending:
-            _report(what, Path(cfg.out), _train_one(cfg, verbose=verbose))
-        return
-    threads = max(1, _cores() // workers)
-    _ensure_teachers([cfg for _, cfg in pending])
-    pool = _pool(workers, threads)
-    futures = {pool.submit(_train_in_worker, cfg, threads): (what, cfg) for what, cfg in pending}
-    from concurrent.futures import as_completed
-
-    try:
-        for future in as_completed(futures):
-            what, cfg = futures[future]
-            _report(what, Path(cfg.out), future.result(),
-                    f" ({workers} runs at a time, {threads} thread{'s' if threads > 1 else ''} each)")
-    except BaseException:
-        # runs not started yet are dropped; a run already training finishes in its worker (its lock keeps
-        # anyone else from training it twice meanwhile) and is reused next time
-        for future in futures:
-            future.cancel()
-        raise
+    return workers(configs)
 
 
 def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterable[int]] = None,
@@ -381,21 +227,21 @@ def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterabl
 
     ``specs`` values may also be a bare method name. ``seeds`` defaults to ``setting.seeds``. Two labels
     may name the same run (it is trained once and appears under both labels). The runs are independent,
-    so on a CPU-only machine they train side by side, one per core (:func:`run_workers`); ``verbose=True``
-    trains them one by one in this process and shows the engine's per-epoch lines.
+    so on a CPU-only machine they train side by side, one per core (:func:`kdlib.runs.run_workers`);
+    ``verbose=True`` trains them one by one in this process and shows the engine's per-epoch lines.
+    Reused runs print nothing; training shows a tqdm bar on a terminal.
     """
+    from kdlib import runs
+
     seeds = setting.seeds if seeds is None else _seeds(seeds)
-    todo: Dict[str, Tuple[str, kconfig.RunConfig]] = {}  # out -> (what, config): each run once
     dirs: Dict[str, list] = {}
+    configs = []
     for name, value in specs.items():
         method, params = _spec(value)
-        dirs[name] = []
-        for s in seeds:
-            cfg = setting.config(method, s, **params)
-            todo.setdefault(cfg.out, (method + (f" {params}" if params else "") + f", seed {s}", cfg))
-            dirs[name].append(Path(cfg.out))
-    _train_all(list(todo.values()), verbose)
-    return _concat([_with_label(load_runs(paths), name) for name, paths in dirs.items()])
+        dirs[name] = [setting.config(method, s, **params) for s in seeds]
+        configs += dirs[name]
+    runs.ensure(runs.plan(configs), verbose=verbose)
+    return _concat([_with_label(load_runs([Path(c.out) for c in cfgs]), name) for name, cfgs in dirs.items()])
 
 
 def load(paths, label: Union[str, Mapping[str, str]] = "auto") -> RunTables:
@@ -539,9 +385,10 @@ def dataset(setting: Setting):
 
 
 def _teacher(setting: Setting):
-    from kdlib import teachers
+    from kdlib import runs, teachers
 
     cfg = setting.config("kd", setting.seeds[0])
+    runs.ensure(runs.plan([cfg], teachers_only=True))  # trained here if missing (collected in the book's plan)
     return teachers.get_teacher(cfg, dataset(setting), "cpu", verbose=False)
 
 

@@ -116,70 +116,11 @@ def load_runs(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]])
     for path in find_runs(paths):
         metrics = read_metrics(path)
         ident = _identity(path, metrics)
-        cfg = metrics.get("config", {})
-        run = cfg.get("run", {})
-        history = metrics.get("history") or []
-        final = metrics.get("final") or {}
-        teacher = cfg.get("teacher") or {}
-        dataset = cfg.get("dataset", {})
-        best = metrics.get("best") or {}
-        last = history[-1] if history else {}
-        row = dict(ident)
-        row.update({
-            "status": metrics.get("status", "finished" if final else "running"),
-            "epochs": run.get("epochs"),
-            "epochs_done": len(history),
-            "best_test_acc": final.get("best_test_acc", best.get("test_acc") if history else None),
-            "best_epoch": final.get("best_epoch", best.get("epoch") if history else None),
-            "last_test_acc": final.get("test_acc", last.get("test_acc")),
-            "last_test_acc5": final.get("test_acc5", last.get("test_acc5")),
-            "teacher_test_acc": teacher.get("test_acc"),
-            "wall_seconds": float(sum(r.get("epoch_seconds", 0.0) or 0.0 for r in history)),
-            "lr": run.get("lr"),
-            "batch_size": run.get("batch_size"),
-        })
-        for name, value in (cfg.get("method", {}).get("hparams") or run.get("method_params") or {}).items():
-            row[f"hp_{name}"] = value if _scalar(value) else json.dumps(value)
-        run_rows.append(row)
-
-        for h in history:
-            e = dict(ident)
-            for key, value in h.items():
-                if key in ("per_class_acc", "method"):
-                    continue
-                if _scalar(value):
-                    e[key] = value
-            for key, value in (h.get("method") or {}).items():
-                if _scalar(value):
-                    e[f"method_{key}"] = value
-            epoch_rows.append(e)
-
-        names = dataset.get("class_names") or []
-        supers = dataset.get("superclass_names") or []
-        to_super = dataset.get("class_to_superclass") or []
-        teacher_pc = teacher.get("per_class_acc") or []
-
-        def class_fields(c: int) -> Dict[str, Any]:
-            s = to_super[c] if c < len(to_super) else None
-            return {"class_index": c, "class_name": names[c] if c < len(names) else str(c),
-                    "superclass_index": s,
-                    "superclass": supers[s] if s is not None and s < len(supers) else None}
-
-        per_class = final.get("per_class_acc")
-        if per_class is not None:
-            for c, acc in enumerate(per_class):
-                r = dict(ident)
-                r.update(class_fields(c))
-                r["acc"] = acc
-                r["teacher_acc"] = teacher_pc[c] if c < len(teacher_pc) else None
-                class_rows.append(r)
-        for h in history:
-            for c, acc in enumerate(h.get("per_class_acc") or []):
-                r = dict(ident)
-                r["epoch"] = h.get("epoch")
-                r.update(class_fields(c))
-                r["acc"] = acc
-                epoch_class_rows.append(r)
+        run_rows.append(_run_row(ident, metrics))
+        epoch_rows += _epoch_rows(ident, metrics.get("history") or [])
+        classes, epoch_classes = _class_rows(ident, metrics)
+        class_rows += classes
+        epoch_class_rows += epoch_classes
 
     def frame(rows: List[Dict[str, Any]], first: List[str]) -> pd.DataFrame:
         df = pd.DataFrame(rows)
@@ -193,3 +134,64 @@ def load_runs(paths: Union[str, os.PathLike, Iterable[Union[str, os.PathLike]]])
         classes=frame(class_rows, ID_COLUMNS + ["class_index", "class_name", "superclass", "acc"]),
         epoch_classes=frame(epoch_class_rows, ID_COLUMNS + ["epoch", "class_index", "class_name", "superclass", "acc"]),
     )
+
+
+def _run_row(ident: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``runs`` row: status, epochs, best and last accuracy, the teacher's, cost, hyperparameters."""
+    cfg = metrics.get("config", {})
+    run = cfg.get("run", {})
+    history = metrics.get("history") or []
+    final = metrics.get("final") or {}
+    best = metrics.get("best") or {}
+    last = history[-1] if history else {}
+    row = dict(ident)
+    row.update({
+        "status": metrics.get("status", "finished" if final else "running"),
+        "epochs": run.get("epochs"),
+        "epochs_done": len(history),
+        "best_test_acc": final.get("best_test_acc", best.get("test_acc") if history else None),
+        "best_epoch": final.get("best_epoch", best.get("epoch") if history else None),
+        "last_test_acc": final.get("test_acc", last.get("test_acc")),
+        "last_test_acc5": final.get("test_acc5", last.get("test_acc5")),
+        "teacher_test_acc": (cfg.get("teacher") or {}).get("test_acc"),
+        "wall_seconds": float(sum(r.get("epoch_seconds", 0.0) or 0.0 for r in history)),
+        "lr": run.get("lr"),
+        "batch_size": run.get("batch_size"),
+    })
+    for name, value in (cfg.get("method", {}).get("hparams") or run.get("method_params") or {}).items():
+        row[f"hp_{name}"] = value if _scalar(value) else json.dumps(value)
+    return row
+
+
+def _epoch_rows(ident: Dict[str, Any], history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per epoch: every scalar of the history row, a method's scalar facts as ``method_NAME``."""
+    rows = []
+    for h in history:
+        e = dict(ident)
+        e.update({k: v for k, v in h.items() if k not in ("per_class_acc", "method") and _scalar(v)})
+        e.update({f"method_{k}": v for k, v in (h.get("method") or {}).items() if _scalar(v)})
+        rows.append(e)
+    return rows
+
+
+def _class_rows(ident: Dict[str, Any], metrics: Dict[str, Any]):
+    """The final per-class accuracies (with the teacher's) and the per-epoch ones."""
+    cfg = metrics.get("config", {})
+    dataset = cfg.get("dataset", {})
+    names = dataset.get("class_names") or []
+    supers = dataset.get("superclass_names") or []
+    to_super = dataset.get("class_to_superclass") or []
+    teacher_pc = (cfg.get("teacher") or {}).get("per_class_acc") or []
+
+    def class_fields(c: int) -> Dict[str, Any]:
+        s = to_super[c] if c < len(to_super) else None
+        return {"class_index": c, "class_name": names[c] if c < len(names) else str(c),
+                "superclass_index": s,
+                "superclass": supers[s] if s is not None and s < len(supers) else None}
+
+    per_class = (metrics.get("final") or {}).get("per_class_acc")
+    classes = [{**ident, **class_fields(c), "acc": acc, "teacher_acc": teacher_pc[c] if c < len(teacher_pc) else None}
+               for c, acc in enumerate(per_class or [])]
+    epoch_classes = [{**ident, "epoch": h.get("epoch"), **class_fields(c), "acc": acc}
+                     for h in metrics.get("history") or [] for c, acc in enumerate(h.get("per_class_acc") or [])]
+    return classes, epoch_classes

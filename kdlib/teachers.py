@@ -13,8 +13,11 @@ device) and a dict describing it, with its accuracy on the run's own test set:
   ``teachers_dir/KEY/`` (a normal, resumable run directory with its own ``metrics.json``) and saves
   ``teachers_dir/KEY.pt`` = ``{"model": state_dict, "arch", "test_acc", "config", "dataset"}``.
 
-Two processes asking for the same missing teacher do not both train it: the trainer holds a file lock
-(``KEY.lock``) and the checkpoint appears by an atomic rename, so a reader never sees half a file.
+The teacher is a run like any other (:func:`teacher_run_config`): the run layer (:mod:`kdlib.runs`)
+plans it before the students that need it and trains it with :func:`train_teacher`. Two processes asking
+for the same missing teacher do not both train it: the trainer holds the run's lock
+(:class:`kdlib.engine.rundir.RunLock`) and the checkpoint appears by an atomic rename, so a reader never
+sees half a file.
 """
 from __future__ import annotations
 
@@ -28,9 +31,9 @@ from torch import nn
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError
-from kdlib.io import atomic_torch_save, file_lock
+from kdlib.io import atomic_torch_save
 
-__all__ = ["get_teacher", "teacher_key", "teacher_path", "freeze"]
+__all__ = ["get_teacher", "teacher_key", "teacher_path", "teacher_run_config", "train_teacher", "freeze"]
 
 
 def teacher_key(config: kconfig.RunConfig) -> str:
@@ -48,6 +51,11 @@ def teacher_path(config: kconfig.RunConfig) -> Path:
     return root / f"{teacher_key(config)}.pt"
 
 
+def teacher_run_config(config: kconfig.RunConfig) -> kconfig.RunConfig:
+    """The run that trains ``config``'s teacher, in ``teachers_dir/KEY/`` (its checkpoint: ``KEY.pt``)."""
+    return config.teacher_config().replace(out=str(teacher_path(config).with_suffix("")))
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: a teacher never changes, not even its BatchNorm statistics."""
     model.eval()
@@ -56,19 +64,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _train_teacher(config: kconfig.RunConfig, path: Path, dataset, progress: bool, verbose: bool) -> None:
+def train_teacher(teacher_run: kconfig.RunConfig, *, dataset=None, progress: bool = False,
+                  verbose: bool = False) -> Path:
+    """Train (or resume) the teacher run :func:`teacher_run_config` made and save its checkpoint
+    ``<run dir>.pt``; returns that path. The caller holds the run's lock."""
     from kdlib import engine
 
-    tcfg = config.teacher_config().replace(out=str(path.with_suffix("")))
+    out = Path(teacher_run.out)
+    path = out.with_suffix(".pt")
     if verbose:
-        print(f"training teacher {tcfg.student} ({tcfg.epochs} epochs, {dataset.description}) "
-              f"-> {path}", flush=True)
-    metrics = engine.train(tcfg, progress=progress, verbose=verbose, _dataset=dataset)
-    state = torch.load(Path(tcfg.out) / engine.STUDENT, map_location="cpu", weights_only=True)
+        print(f"training teacher {teacher_run.student} ({teacher_run.epochs} epochs) -> {path}", flush=True)
+    metrics = engine.train(teacher_run, progress=progress, verbose=verbose, _dataset=dataset)
+    state = torch.load(out / engine.STUDENT, map_location="cpu", weights_only=True)
     atomic_torch_save(path, {
-        "model": state["model"], "arch": tcfg.student, "test_acc": metrics["final"]["test_acc"],
-        "config": tcfg.resolved().to_dict(), "dataset": dataset.description,
+        "model": state["model"], "arch": teacher_run.student, "test_acc": metrics["final"]["test_acc"],
+        "config": teacher_run.resolved().to_dict(), "dataset": metrics["config"]["dataset"]["description"],
     })
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -99,9 +111,11 @@ def get_teacher(config: kconfig.RunConfig, dataset, device, *, progress: bool = 
         key = teacher_key(cfg)
         source = "cache"
         if not path.is_file():
-            with file_lock(path.with_suffix(".lock")):
+            from kdlib.engine.rundir import RunLock
+
+            with RunLock(path.with_suffix(""), wait=True):
                 if not path.is_file():  # another process may have trained it while we waited
-                    _train_teacher(cfg, path, dataset, progress, verbose)
+                    train_teacher(teacher_run_config(cfg), dataset=dataset, progress=progress, verbose=verbose)
                     source = "trained"
     model = models.load_pretrained(cfg.teacher, str(path), num_classes=dataset.num_classes)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

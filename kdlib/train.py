@@ -4,9 +4,12 @@ Examples::
 
     python -m kdlib train --method kd --teacher resnet20 --student resnet8 --dataset synthetic --out runs/kd
     python -m kdlib train --method dkd --profile course --set beta=2 --seed 1 --out runs/dkd-s1
-    python -m kdlib train --method vanilla --student resnet8x4 --profile paper --device cuda --out runs/r8x4
+    python -m kdlib train --method vanilla --student resnet8x4 --profile paper --device cuda
+    python -m kdlib train --method dkd --profile paper --dry-run      # the resolved recipe, nothing trained
 
 Names and values are checked before anything trains (an error prints one ``error: ...`` line, exit 2).
+Without ``--out`` the run goes where the book and the sweeps put it (``$KDLIB_HOME/runs/<profile>/...``,
+:func:`kdlib.runs.run_directory`), so a chapter reuses it. The run's lock keeps a second process out.
 Running the same command again resumes an interrupted run, or reports that it has finished. Ctrl-C or
 SIGTERM stops after the current step, keeping the last completed epoch (exit 130 / 143).
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="smoke", help="smoke, course or paper (default: smoke)")
     parser.add_argument("--epochs", type=_int, help="number of epochs (default: the profile's)")
     parser.add_argument("--seed", type=_int, help="training seed (default 0)")
-    parser.add_argument("--out", required=True, help="run directory (metrics.json, checkpoint.pt, ...)")
+    parser.add_argument("--out", help="run directory (metrics.json, checkpoint.pt, ...); default: the run's own "
+                                      "directory in $KDLIB_HOME/runs, where the book finds it")
     parser.add_argument("--teacher-checkpoint", dest="teacher_checkpoint",
                         help="community teacher checkpoint ({'model': state_dict}); default: train and cache one")
     parser.add_argument("--teachers-dir", dest="teachers_dir", help="teacher cache (default $KDLIB_HOME/teachers)")
@@ -43,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines either")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the run's resolved recipe and directory (and a teacher to train first); train nothing")
 
 
 def _int(text: str) -> int:
@@ -62,14 +67,21 @@ def build_config(args: argparse.Namespace) -> kconfig.RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdlib import engine
+    from kdlib import engine, runs
+    from kdlib.engine.rundir import RunLock, check_writable
 
     cfg = build_config(args)
-    out = Path(cfg.out).expanduser()
+    planned = runs.plan([cfg])  # the directory from the run's identity unless --out; a teacher to train first
+    if args.dry_run:
+        runs.print_plan(planned, verbose=True)
+        return 0
+    out = planned[-1].run_dir
     if out.exists() and not out.is_dir():
         raise KDLibError(f"--out {str(out)!r} exists and is not a directory")
+    check_writable(out)
     try:
-        metrics = engine.train(cfg, progress=args.progress, verbose=not args.quiet)
+        with RunLock(out):  # the engine trains the teacher, if any, under the teacher's own lock
+            metrics = engine.train(planned[-1].config, progress=args.progress, verbose=not args.quiet)
     except engine.TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)

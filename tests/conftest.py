@@ -143,6 +143,54 @@ class ExecutedChapters:
                 bookbuild.stage(self.root, self.staging)
                 (self.outcomes / "staged").touch()
 
+    def _environment(self) -> "pytest.MonkeyPatch":
+        """The chapters' environment, set (``undo()`` it): this session's home, one thread, no display."""
+        env = {"KDLIB_HOME": str(self.home), "MPLBACKEND": "Agg",
+               # the kernel is a process of its own: one thread, as the test process (see above)
+               "OMP_NUM_THREADS": os.environ.get("KDLIB_TEST_THREADS", "1"),
+               "MPLCONFIGDIR": str(self.home / "matplotlib")}
+        if self.data_root is not None:
+            env["KDLIB_DATA"] = str(self.data_root)
+        mp = pytest.MonkeyPatch()
+        for name, value in env.items():
+            mp.setenv(name, value)
+        return mp
+
+    def on_slurm(self) -> None:
+        """Execute the whole book as ``kdlib book --executor slurm`` does: every chapter's runs trained by
+        Slurm jobs (one CPU each, eight runs per task), then the chapters, which train nothing.
+        ``self.slurm`` keeps what happened for test_book_slurm.py; the chapters' results serve the rest."""
+        import argparse
+
+        from kdlib import bookbuild
+
+        parser = argparse.ArgumentParser()
+        bookbuild.add_arguments(parser)
+        argv = ["--root", str(self.root), "--no-html", "--executor", "slurm", "--slurm-gpus", "0", "--slurm-cpus", "1",
+                "--slurm-time", "10", "--slurm-runs-per-task", "8", "--staging", str(self.staging)]
+        for name, value in self.parameters.items():
+            argv += ["--profile", value] if name == "profile" else ["-p", name, json.dumps(value)]
+        from kdlib.engine.rundir import RunLock
+
+        done = self.staging.parent / "slurm.json"  # test processes side by side (xdist) share one build
+        with RunLock(self.staging.parent, wait=True):
+            if not done.is_file():
+                mp = self._environment()
+                start = time.perf_counter()
+                try:
+                    status = bookbuild.run(parser.parse_args(argv))
+                finally:
+                    mp.undo()
+                done.write_text(json.dumps({"status": status, "seconds": time.perf_counter() - start}))
+        self.slurm = json.loads(done.read_text())
+        status = self.slurm["status"]
+        for name in bookbuild.toc_files(self.root):
+            if bookbuild.is_notebook(bookbuild.source_of(self.root, name)):
+                dst = self.staging / f"{name}.ipynb"
+                error = bookbuild.chapter_error(dst)
+                self.results[Path(name).name] = RuntimeError(f"{name}: {error}") if status or error else dst
+                self.seconds[Path(name).name] = float("nan")
+
     def executed(self, chapter: str) -> Path:
         from kdlib import bookbuild
         from kdlib.io import atomic_write_json, file_lock
@@ -170,15 +218,7 @@ class ExecutedChapters:
     def _execute(self, src: Path, dst: Path):
         from kdlib import bookbuild
 
-        env = {"KDLIB_HOME": str(self.home), "MPLBACKEND": "Agg",
-               # the kernel is a process of its own: one thread, as the test process (see above)
-               "OMP_NUM_THREADS": os.environ.get("KDLIB_TEST_THREADS", "1"),
-               "MPLCONFIGDIR": str(self.home / "matplotlib")}
-        if self.data_root is not None:
-            env["KDLIB_DATA"] = str(self.data_root)
-        mp = pytest.MonkeyPatch()
-        for name, value in env.items():
-            mp.setenv(name, value)
+        mp = self._environment()
         try:
             bookbuild.execute_chapter(src, dst, dict(self.parameters), cwd=dst.parent)
             return dst
@@ -219,11 +259,44 @@ TINY_CHAPTER = {"profile": "smoke", "epochs": 1, "teacher_epochs": 1, "train_per
                 "seeds": [0], "tiny": True}
 
 
+def slurm_cluster_reason() -> str:
+    """Why there is no Slurm cluster to test on ("" when ``sinfo`` answers). Where Slurm is installed and
+    this is root, the one-node cluster of tests/slurm/cluster.sh is started (``.ci/run`` starts it first)."""
+    import shutil
+
+    def answers() -> bool:
+        try:
+            return shutil.which("sinfo") is not None and subprocess.run(
+                ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    if answers():
+        return ""
+    if shutil.which("slurmctld") and os.geteuid() == 0:
+        # under a lock: test processes side by side (xdist) all ask
+        subprocess.run(["flock", "/var/tmp/kdlib-slurm-start.lock", str(KdlibCommand.repo / "tests/slurm/cluster.sh"),
+                        "start"], capture_output=True, timeout=300)
+        if answers():
+            return ""
+    return "no Slurm cluster answers `sinfo` (start one with: sudo tests/slurm/cluster.sh start)"
+
+
 @pytest.fixture(scope="session")
-def tiny_chapters(tmp_path_factory):
-    """Every chapter executed in the smoke profile at tiny size, once per session (see ExecutedChapters)."""
-    base = shared_folder(tmp_path_factory, "tiny_book")
-    return ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)
+def tiny_chapters(tmp_path_factory, request):
+    """Every chapter executed in the smoke profile at tiny size, once per session (see ExecutedChapters).
+
+    When the session includes test_book_slurm.py and a Slurm cluster answers, the whole book is executed
+    the cluster way (:meth:`ExecutedChapters.on_slurm`) and every chapter test checks those pages: the
+    runs move from the chapters' kernels to Slurm jobs (same numbers: one thread either way)."""
+    on_slurm = any(item.path.name == "test_book_slurm.py" for item in request.session.items) \
+        and not slurm_cluster_reason()
+    base = shared_folder(tmp_path_factory, "tiny_book_slurm" if on_slurm else "tiny_book")
+    chapters = ExecutedChapters(base / "staging", base / "home", TINY_CHAPTER)
+    chapters.slurm = None
+    if on_slurm:
+        chapters.on_slurm()
+    return chapters
 
 
 # -- side by side (pytest-xdist, `make test` runs two workers) ------------------------------------------

@@ -1,4 +1,5 @@
-"""``python -m kdlib sweep``: grids, run directories, executors, locks, failures and the summaries.
+"""``python -m kdlib sweep``: grids, run directories, executors, locks, failures and the summaries; and
+the one directory scheme a sweep shares with the book's chapters (a run one trains, the other reuses).
 
 Real runs are the tiniest the engine allows (100 classes x 4 training / 2 test images, resnet8 ->
 resnet8, one epoch) and reuse the session's cached tiny teacher (``conftest.TINY``), so no test trains a
@@ -20,7 +21,10 @@ from pathlib import Path
 import pytest
 
 from kdlib import cli, engine, sweep
+from kdlib.config import make_config
+from kdlib.engine.rundir import LOCK, RunLock, RunLocked
 from kdlib.errors import KDLibError
+from kdlib.runs import execute_run
 
 from conftest import TINY
 
@@ -38,14 +42,19 @@ def tiny_spec(out, teachers_dir, **changes) -> sweep.GridSpec:
     return sweep.GridSpec(**values)
 
 
-def tiny_hash() -> str:
-    """The override hash of TINY_SET for a distillation run, computed here from the documented scheme:
-    sha256 of the sorted JSON of the identity fields the overrides changed (resolved values)."""
-    # 150/180/210 of 240 scaled to 2 teacher epochs: 150 -> 1; 180 and 210 fall on or after the last
-    # epoch, where a decay would change nothing, and are dropped (kdlib.config.scaled_milestones)
-    changed = {"teacher_epochs": TINY["teacher_epochs"], "teacher_milestones": [1],
-               "test_per_class": TINY["test_per_class"], "train_per_class": TINY["train_per_class"]}
-    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+def tiny_dir(method: str, seed: int) -> str:
+    """The directory of a tiny grid run, relative to the sweep's folder, from the documented scheme:
+    ``runs/<profile>/<method>-<teacher>-<student>-s<seed>-<identity hash>``, the hash of the resolved recipe
+    without the execution fields (computed here from that definition, not from the sweep's code)."""
+    cfg = make_config("smoke", method=method, teacher="resnet8", student="resnet8", seed=int(seed), epochs=1,
+                      dataset="synthetic", train_per_class=TINY["train_per_class"],
+                      test_per_class=TINY["test_per_class"], teacher_epochs=TINY["teacher_epochs"])
+    identity = cfg.resolved().to_dict()
+    for name in ("out", "device", "amp", "channels_last", "eval_batch_size", "compile", "teachers_dir", "data_root",
+                 "teacher_cache", "teacher_cache_dtype", "graph"):
+        identity.pop(name)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"runs/smoke/{method}-resnet8-resnet8-s{seed}-{digest}"
 
 
 def metrics_mtimes(out: Path):
@@ -86,7 +95,7 @@ def test_local_executor_grid_summary_rerun_and_failure(tiny_teachers_dir, tmp_pa
         assert row.best_test_acc == pytest.approx(final["best_test_acc"])
         assert row.last_test_acc == pytest.approx(final["test_acc"])
         assert row.best_epoch == final["best_epoch"] and row.epochs == 1
-        assert row.run_dir == f"runs/{row.method}/resnet8-resnet8/seed{row.seed}-{tiny_hash()}"
+        assert row.run_dir == tiny_dir(row.method, row.seed)
     assert (out / "aggregate.csv").is_file()
 
     # again: every run is finished, so nothing is submitted and nothing is rewritten
@@ -96,7 +105,7 @@ def test_local_executor_grid_summary_rerun_and_failure(tiny_teachers_dir, tmp_pa
     assert "4 finished" in capsys.readouterr().out
 
     # a run that fails inside its job (a corrupt checkpoint) is reported; the exit code says so
-    bad = out / f"runs/kd/resnet8-resnet8/seed2-{tiny_hash()}"
+    bad = out / tiny_dir("kd", 2)
     bad.mkdir(parents=True)
     (bad / engine.CHECKPOINT).write_bytes(b"not a checkpoint")
     assert cli.main([*argv[:2], "kd", *argv[3:6], "0,1,2", *argv[7:]]) == 1
@@ -156,17 +165,17 @@ def test_interrupted_run_resumes_through_the_engine(tiny_teachers_dir, tmp_path)
 def test_lock_keeps_a_second_worker_out(tiny_teachers_dir, tmp_path):
     spec = tiny_spec(tmp_path, tiny_teachers_dir, methods=["kd"])
     seed0, seed1 = sweep.plan(spec)
-    with sweep.RunLock(seed0.run_dir):  # another worker is training seed 0
-        assert "pid" in sweep.RunLock.holder(seed0.run_dir)
+    with RunLock(seed0.run_dir):  # another worker is training seed 0
+        assert "pid" in RunLock.holder(seed0.run_dir)
         # a job that got past the sweep's own check still does not train it
-        assert sweep.execute_run(seed0.config, verbose=False)["status"] == "locked"
+        assert execute_run(seed0)["status"] == "locked"
         result = sweep.run_sweep(spec, progress=False)
         assert result.locked == 1 and result.submitted == 1 and not result.ok
         rows = result.summary.set_index("seed")
         assert rows.loc[1, "status"] == "finished"
-        assert rows.loc[0, "status"] == "missing" and str(os.getpid()) in rows.loc[0, "running_on"]
+        assert rows.loc[0, "status"] == "running" and str(os.getpid()) in rows.loc[0, "running_on"]
         assert not (seed0.run_dir / "metrics.json").exists()
-    assert sweep.RunLock.holder(seed0.run_dir) is None  # the lock file stays, the lock does not
+    assert RunLock.holder(seed0.run_dir) is None  # the lock file stays, the lock does not
     assert sweep.run_sweep(spec, progress=False).ok
 
 
@@ -174,68 +183,83 @@ def test_lock_of_a_crashed_worker_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(run_dir / sweep.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fd = os.open({str(run_dir / LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'elsewhere pid 1'); print('held', flush=True)\n"
         "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     run_dir.mkdir()
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert sweep.RunLock.holder(run_dir) == "elsewhere pid 1"
-        with pytest.raises(sweep.RunLocked, match="elsewhere pid 1"):
-            sweep.RunLock(run_dir).acquire(retry_seconds=0.2)
+        assert RunLock.holder(run_dir) == "elsewhere pid 1"
+        with pytest.raises(RunLocked, match="elsewhere pid 1"):
+            RunLock(run_dir).acquire(retry_seconds=0.2)
         holder.send_signal(signal.SIGKILL)  # the worker crashes
         holder.wait(timeout=30)
     finally:
         holder.kill()
         holder.stdout.close()
-    assert (run_dir / sweep.LOCK).exists() and sweep.RunLock.holder(run_dir) is None
-    with sweep.RunLock(run_dir):
-        assert sweep.RunLock.holder(run_dir) is not None
+    assert (run_dir / LOCK).exists() and RunLock.holder(run_dir) is None
+    with RunLock(run_dir):
+        assert RunLock.holder(run_dir) is not None
 
 
 # -- the plan: directories, overrides, validation -------------------------------------------------------
 def test_run_directories_are_deterministic_and_overrides_never_share_one(tmp_path):
     base = dict(methods=["vanilla", "kd", "dkd"], pairs=[("resnet56", "resnet20")], seeds=[0, 1],
                 profile="smoke", out=str(tmp_path))
-    plain = sweep.plan(sweep.GridSpec(**base))
-    assert [r.rel_dir for r in plain] == [
-        "runs/vanilla/resnet20/seed0", "runs/vanilla/resnet20/seed1",
-        "runs/kd/resnet56-resnet20/seed0", "runs/kd/resnet56-resnet20/seed1",
-        "runs/dkd/resnet56-resnet20/seed0", "runs/dkd/resnet56-resnet20/seed1"]
-    assert all(r.run_dir == tmp_path / r.rel_dir and r.config.out == str(r.run_dir) for r in plain)
-    assert [r.rel_dir for r in sweep.plan(sweep.GridSpec(**base))] == [r.rel_dir for r in plain]
+    planned = sweep.plan(sweep.GridSpec(**base))
+    (teacher,), plain = planned[:1], planned[1:]  # the teacher to train is planned first, once
+    assert teacher.role == "teacher" and teacher.run_dir.parent == tmp_path / "teachers"
+    assert [r.run_dir.relative_to(tmp_path).as_posix().rsplit("-", 1)[0] for r in plain] == [
+        "runs/smoke/vanilla-resnet20-s0", "runs/smoke/vanilla-resnet20-s1",
+        "runs/smoke/kd-resnet56-resnet20-s0", "runs/smoke/kd-resnet56-resnet20-s1",
+        "runs/smoke/dkd-resnet56-resnet20-s0", "runs/smoke/dkd-resnet56-resnet20-s1"]
+    assert all(r.config.out == str(r.run_dir) and r.run_dir.name.endswith(r.config.identity_hash()) for r in plain)
+    assert [r.needs for r in plain] == [None, None] + [str(teacher.run_dir)] * 4
+    assert [r.run_dir for r in sweep.plan(sweep.GridSpec(**base))] == [r.run_dir for r in planned]
     assert {r.config.teachers_dir for r in plain} == {str(tmp_path / "teachers")}  # one teacher cache
 
     def dirs(*overrides):
-        return {(r.method, r.seed): r.rel_dir for r in sweep.plan(sweep.GridSpec(**base, overrides=list(overrides)))}
+        return {(r.config.method, r.config.seed): r.run_dir
+                for r in sweep.plan(sweep.GridSpec(**base, overrides=list(overrides))) if r.role == "run"}
 
-    expected = hashlib.sha256(json.dumps({"lr": 0.1}, sort_keys=True).encode()).hexdigest()[:8]
-    assert dirs("lr=0.1")[("kd", 0)] == f"runs/kd/resnet56-resnet20/seed0-{expected}"
     assert dirs("lr=1e-1") == dirs("lr=0.1")  # the value counts, not its spelling
-    assert dirs("lr=0.05") == dirs()  # the default value: no hash
-    assert dirs("lr=0.2")[("kd", 0)] != dirs("lr=0.1")[("kd", 0)]
+    assert dirs("lr=0.05") == dirs()  # the default value is the same run
+    assert dirs("lr=0.2")[("kd", 0)] != dirs("lr=0.1")[("kd", 0)] != dirs()[("kd", 0)]
     # a hyperparameter goes to the methods that have it; DKD's per-pair beta for resnet56 is already 2
     assert dirs("beta=2") == dirs()
     with_beta = dirs("beta=4")
-    assert with_beta[("kd", 1)] == "runs/kd/resnet56-resnet20/seed1" and with_beta[("dkd", 1)].endswith(
-        "seed1-" + hashlib.sha256(json.dumps({"beta": 4}, sort_keys=True).encode()).hexdigest()[:8])
-    assert dirs("dkd.temperature=2")[("kd", 0)] == "runs/kd/resnet56-resnet20/seed0"
-    assert dirs("temperature=2")[("kd", 0)] != "runs/kd/resnet56-resnet20/seed0"
+    assert with_beta[("kd", 1)] == dirs()[("kd", 1)] and with_beta[("dkd", 1)] != dirs()[("dkd", 1)]
+    assert dirs("dkd.temperature=2")[("kd", 0)] == dirs()[("kd", 0)]
+    assert dirs("temperature=2")[("kd", 0)] != dirs()[("kd", 0)]
     assert not tmp_path.joinpath("runs").exists()  # planning writes nothing
 
 
+def test_a_sweep_and_a_chapter_give_a_run_the_same_directory(tmp_path, monkeypatch):
+    from kdlib import experiments as ex
+
+    monkeypatch.setenv("KDLIB_HOME", str(tmp_path))
+    setting = ex.Setting.from_parameters("course", seeds=[2], epochs=3, train_per_class=5, device="cpu")
+    grid = sweep.GridSpec(methods=["vanilla", "dkd"], seeds=[2], profile="course", epochs=3,
+                          overrides=["train_per_class=5", "beta=3"])  # no --out: $KDLIB_HOME, the book's runs
+    planned = {r.config.method: r.run_dir for r in sweep.plan(grid) if r.role == "run"}
+    assert planned == {"vanilla": ex.run_dir(setting, "vanilla", 2), "dkd": ex.run_dir(setting, "dkd", 2, beta=3)}
+    assert planned["dkd"] != ex.run_dir(setting, "dkd", 2)
+
+
 def test_plan_builds_each_config_with_make_config_and_apply_overrides(tmp_path):
-    from kdlib.config import apply_overrides, make_config
+    from kdlib.config import apply_overrides
 
     spec = sweep.GridSpec(methods=["dkd"], pairs=[("resnet56", "resnet20")], seeds=[3], profile="course",
                           epochs=7, overrides=["beta=4", "lr=0.1"], data_root="data", out=str(tmp_path))
-    (run,) = sweep.plan(spec)
+    (teacher, run) = sweep.plan(spec)
     expected = apply_overrides(make_config("course", method="dkd", teacher="resnet56", student="resnet20",
                                            seed=3, epochs=7, data_root=os.path.abspath("data"),
                                            teachers_dir=str(tmp_path / "teachers")),
                                ["method_params.beta=4", "lr=0.1"])
     assert run.config.replace(out=None) == expected
-    assert run.overrides == "beta=4 lr=0.1"
+    assert teacher.role == "teacher" and run.needs == str(teacher.run_dir)
+    assert run.entry(tmp_path)["overrides"] == "beta=4.0 epochs=7 lr=0.1"
+    assert run.entry(tmp_path)["config"] == expected.resolved().replace(out=str(run.run_dir)).to_dict()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -260,13 +284,13 @@ def test_invalid_input_is_refused_before_anything_runs(tmp_path, capsys, argv, m
     assert not out.exists()
 
 
-def test_a_different_recipe_in_the_same_out_is_refused(tiny_teachers_dir, tmp_path, capsys):
-    spec = tiny_spec(tmp_path, tiny_teachers_dir, methods=["kd"], seeds=[0])
-    assert sweep.run_sweep(spec, progress=False).ok
-    with pytest.raises(KDLibError, match="holds a different run .*epochs: 1 -> 2"):
-        sweep.run_sweep(tiny_spec(tmp_path, tiny_teachers_dir, methods=["kd"], seeds=[0, 1], epochs=2),
-                        progress=False)
-    assert not (tmp_path / f"runs/kd/resnet8-resnet8/seed1-{tiny_hash()}").exists()  # nothing started
+def test_a_directory_holding_another_run_is_refused_before_anything_starts(tiny_teachers_dir, tmp_path):
+    spec = tiny_spec(tmp_path, tiny_teachers_dir, methods=["kd"], seeds=[0, 1])
+    seed0, seed1 = sweep.plan(spec)
+    engine.train(seed0.config.replace(out=str(seed1.run_dir)), progress=False, verbose=False)  # in seed 1's place
+    with pytest.raises(KDLibError, match=r"holds a different run \(seed: 0 -> 1"):
+        sweep.run_sweep(spec, progress=False)
+    assert not seed0.run_dir.exists()  # nothing started
 
 
 def test_command_line_error_exits_2(tmp_path):
@@ -290,9 +314,9 @@ def test_yaml_grid_and_command_line_overrides(tmp_path):
     assert spec.methods == ["kd", "dkd"] and spec.pairs == [("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2")]
     assert spec.seeds == [4, 5] and spec.epochs == 5 and spec.workers == 3  # flags win, the rest stays
     assert spec.slurm.partition == "gpu" and spec.slurm.time_min == 150 and spec.slurm.gpus == 2
-    runs = sweep.plan(spec)
+    runs = [r for r in sweep.plan(spec) if r.role == "run"]
     assert len(runs) == 2 * 2 * 2 and {r.config.lr for r in runs} == {0.2}  # the flag's --set comes last
-    assert {r.config.method_hparams()["beta"] for r in runs if r.method == "dkd"} == {3}
+    assert {r.config.method_hparams()["beta"] for r in runs if r.config.method == "dkd"} == {3}
 
     grid.write_text("methods: [kd]\nsedes: [0]\n")
     with pytest.raises(KDLibError, match="unknown key 'sedes'"):
@@ -317,11 +341,12 @@ def test_shipped_grids(tmp_path):
     paper.teacher_checkpoint_dir = str(ckpts)
     runs = sweep.plan(paper)
     assert len(runs) == 11 * 11 * 3 + 9 * 3  # 11 methods with a teacher x 11 pairs x 3 seeds + 9 students alone
-    for run in runs:
-        assert run.config.epochs == 240 and run.config.train_per_class is None
-        if run.teacher:
-            assert run.config.teacher_checkpoint == str(ckpts / f"{run.teacher}_vanilla" / "ckpt_epoch_240.pth")
-    dkd = {(r.teacher, r.student): r.config.resolved().method_params["beta"] for r in runs if r.method == "dkd"}
+    for run in runs:  # the checkpoints are given: no teacher to train
+        assert run.role == "run" and run.config.epochs == 240 and run.config.train_per_class is None
+        if run.config.uses_teacher:
+            assert run.config.teacher_checkpoint == str(ckpts / f"{run.config.teacher}_vanilla" / "ckpt_epoch_240.pth")
+    dkd = {(r.config.teacher, r.config.student): r.config.resolved().method_params["beta"] for r in runs
+           if r.config.method == "dkd"}
     assert dkd[("resnet56", "resnet20")] == 2 and dkd[("vgg13", "vgg8")] == 6 and dkd[("resnet32x4", "ShuffleV2")] == 8
     for name in ("course", "smoke"):
         spec = sweep.GridSpec.from_mapping({**sweep.load_grid(name), "out": str(tmp_path / name)})
@@ -348,18 +373,19 @@ def test_slurm_array_submission(tiny_teachers_dir, tmp_path, monkeypatch):
     assert result.submitted == 4 and result.job_ids == ["4242"]  # one array: the teacher is cached
     script = (out / "submitit" / "4242_submission.sh").read_text()
     for flag in ("--array=0-3%3", "--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=2", "--time=90",
-                 "--job-name=kdlib-sweep"):
+                 "--job-name=kdlib-runs"):
         assert f"#SBATCH {flag}\n" in script
     assert set(sweep.read_summary(out)["status"]) == {"missing"}  # submitted, not started
 
-    # teachers to train: one run per teacher first, the rest after it (afterany)
+    # a teacher to train: its run first, the grid's after it (afterany); two runs per task
     out2 = tmp_path / "sweep2"
+    slurm.runs_per_task = 2
     result = sweep.run_sweep(tiny_spec(out2, tmp_path / "no_teachers", executor="slurm", slurm=slurm),
                              progress=False, wait=False)
-    assert result.job_ids == ["4243", "4244"]
+    assert result.job_ids == ["4243", "4244"] and result.teachers == 1 and result.submitted == 4
     assert "--array" not in (out2 / "submitit" / "4243_submission.sh").read_text()  # a single job
     second = (out2 / "submitit" / "4244_submission.sh").read_text()
-    assert "#SBATCH --array=0-2%3\n" in second and "#SBATCH --dependency=afterany:4243\n" in second
+    assert "#SBATCH --array=0-1%2\n" in second and "#SBATCH --dependency=afterany:4243\n" in second
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(KDLibError, match="Slurm"):
@@ -375,9 +401,12 @@ def test_slurm_time_limits():
 
 
 # -- summaries from hand-written records ---------------------------------------------------------------
-def _fake_run(out: Path, method, teacher, student, seed, history_acc, finished=True, hash_="", classes=None):
-    pair = f"{teacher}-{student}" if teacher else student
-    run_dir = out / "runs" / method / pair / (f"seed{seed}" + (f"-{hash_}" if hash_ else ""))
+def _fake_run(out: Path, method, teacher, student, seed, history_acc, finished=True, classes=None, **recipe):
+    from kdlib.runs import run_directory
+
+    cfg = make_config("paper", method=method, teacher=teacher, student=student, seed=seed, epochs=3,
+                      teacher_checkpoint=None, **recipe)
+    run_dir = run_directory(cfg, out)
     run_dir.mkdir(parents=True)
     classes = classes or [[50.0, 100.0, 0.0]] * len(history_acc)
     history = [{"epoch": e + 1, "test_acc": acc, "per_class_acc": pc, "epoch_seconds": 10.0}
@@ -385,8 +414,7 @@ def _fake_run(out: Path, method, teacher, student, seed, history_acc, finished=T
     best = max(range(len(history_acc)), key=lambda i: (history_acc[i], -i))
     metrics = {
         "status": "finished" if finished else "interrupted",
-        "config": {"run": {"method": method, "teacher": teacher, "student": student, "seed": seed,
-                           "profile": "paper", "dataset": "cifar100", "epochs": 3},
+        "config": {"run": cfg.resolved().replace(out=str(run_dir)).to_dict(),
                    "dataset": {"description": "fake", "class_names": ["apple", "bee", "cat"],
                                "superclass_names": ["fruit", "animal"], "class_to_superclass": [0, 1, 1]}},
         "history": history,
@@ -402,44 +430,46 @@ def test_summary_and_aggregate_from_records(tmp_path):
         ("kd", 0): [60.0, 71.5, 70.25], ("kd", 1): [61.0, 69.0, 72.0], ("kd", 2): [62.0, 73.0, 68.5],
         ("dkd", 0): [65.0, 74.0, 73.0], ("dkd", 1): [66.0, 72.5, 75.5],
     }
-    for (method, seed), accs in runs.items():
-        _fake_run(tmp_path, method, "resnet56", "resnet20", seed, accs,
-                  classes=[[50.0, 100.0, 0.0], [10.0 * seed, 20.0, 30.0], [1.0 + seed, 2.0, 3.0]])
+    dirs = {key: _fake_run(tmp_path, key[0], "resnet56", "resnet20", key[1], accs,
+                           classes=[[50.0, 100.0, 0.0], [10.0 * key[1], 20.0, 30.0], [1.0 + key[1], 2.0, 3.0]])
+            for key, accs in runs.items()}
     _fake_run(tmp_path, "kd", "resnet56", "resnet20", 3, [10.0, 20.0], finished=False)  # still running
     _fake_run(tmp_path, "vanilla", None, "resnet20", 0, [64.0, 69.0, 68.0])
-    _fake_run(tmp_path, "kd", "resnet56", "resnet20", 0, [80.0, 81.0, 82.0], hash_="0123abcd")  # --set lr=...
-    failed = tmp_path / "runs/dkd/resnet56-resnet20/seed2"
+    _fake_run(tmp_path, "kd", "resnet56", "resnet20", 0, [80.0, 81.0, 82.0], lr=0.1)  # --set lr=0.1
+    failed = dirs[("dkd", 1)].with_name(dirs[("dkd", 1)].name.replace("-s1-", "-s2-"))
     failed.mkdir()
     (failed / sweep.ERROR).write_text(json.dumps({"error": "KDLibError: boom"}))
 
     summary = sweep.write_summary(tmp_path)
     assert len(summary) == len(sweep.read_summary(tmp_path)) == len(runs) + 4
-    status = {(m, s, h): st for m, s, h, st in zip(summary["method"], summary["seed"], summary["override_hash"],
+    status = {(m, s, o): st for m, s, o, st in zip(summary["method"], summary["seed"], summary["overrides"],
                                                    summary["status"])}
-    assert status[("kd", 3, "")] == "incomplete" and status[("dkd", 2, "")] == "failed"
-    assert status[("kd", 0, "0123abcd")] == "finished" and status[("vanilla", 0, "")] == "finished"
-    kd0 = summary[(summary["method"] == "kd") & (summary["seed"] == 0) & (summary["override_hash"] == "")].iloc[0]
+    assert status[("kd", 3, "epochs=3")] == "incomplete" and status[("dkd", 2, "")] == "failed"
+    assert status[("kd", 0, "epochs=3 lr=0.1")] == "finished" and status[("vanilla", 0, "epochs=3")] == "finished"
+    kd0 = summary[(summary["method"] == "kd") & (summary["seed"] == 0) & (summary["overrides"] == "epochs=3")].iloc[0]
     assert (kd0.best_test_acc, kd0.last_test_acc, kd0.best_epoch, kd0.wall_seconds) == (71.5, 70.25, 2, 30.0)
+    assert kd0.run_dir == dirs[("kd", 0)].relative_to(tmp_path).as_posix()
 
-    agg = sweep.aggregate(sweep.read_summary(tmp_path)).set_index(["method", "override_hash"])
+    agg = sweep.aggregate(sweep.read_summary(tmp_path)).set_index(["method", "overrides"])
     for method in ("kd", "dkd"):
         best = [max(accs) for (m, _), accs in runs.items() if m == method]
         last = [accs[-1] for (m, _), accs in runs.items() if m == method]
-        row = agg.loc[(method, "")]
+        row = agg.loc[(method, "epochs=3")]
         assert row.n == len(best) and row.teacher == "resnet56" and row.student == "resnet20"
         assert row.best_mean == pytest.approx(statistics.mean(best))
         assert row.best_std == pytest.approx(statistics.stdev(best))
         assert row.last_mean == pytest.approx(statistics.mean(last))
         assert row.last_std == pytest.approx(statistics.stdev(last))
         assert row.best == f"{statistics.mean(best):.2f} ± {statistics.stdev(best):.2f}"
-    assert agg.loc[("kd", "0123abcd")].n == 1 and agg.loc[("kd", "0123abcd")].best_mean == 82.0
-    assert agg.loc[("vanilla", "")].n == 1 and agg.loc[("vanilla", "")].teacher == ""
+    assert agg.loc[("kd", "epochs=3 lr=0.1")].n == 1 and agg.loc[("kd", "epochs=3 lr=0.1")].best_mean == 82.0
+    assert agg.loc[("vanilla", "epochs=3")].n == 1 and agg.loc[("vanilla", "epochs=3")].teacher == ""
+    assert agg["recipe"].nunique() == len(agg)  # one recipe per row: the seeds of one recipe, averaged
     assert (tmp_path / "aggregate.csv").is_file()
 
     table = sweep.per_class_table(tmp_path)
-    assert list(table.columns[:10]) == ["run", "method", "teacher", "student", "seed", "override_hash", "class",
+    assert list(table.columns[:10]) == ["run", "method", "teacher", "student", "seed", "recipe", "class",
                                         "class_name", "superclass", "acc"]
     assert len(table) == 3 * (len(runs) + 2)  # finished runs only, three classes each
-    kd1 = table[(table["run"] == "runs/kd/resnet56-resnet20/seed1")].set_index("class")
+    kd1 = table[(table["run"] == dirs[("kd", 1)].relative_to(tmp_path).as_posix())].set_index("class")
     assert list(kd1["acc"]) == [2.0, 2.0, 3.0] and list(kd1["class_name"]) == ["apple", "bee", "cat"]
     assert list(kd1["superclass"]) == ["fruit", "animal", "animal"]

@@ -10,7 +10,7 @@ import pytest
 
 from kdlib import sweep
 from kdlib.errors import KDLibError
-from kdlib.sweep.slurm import check_slurm_options
+from kdlib.runs.slurm import check_options as check_slurm_options
 
 
 @pytest.fixture
@@ -28,8 +28,7 @@ def fake_cluster(tmp_path, monkeypatch):
 
 
 def spec(**slurm):
-    return sweep.GridSpec(methods=["kd"], out="/tmp/unused", executor="slurm",
-                          slurm=sweep.SlurmOptions(**slurm)).normalised()
+    return sweep.SlurmOptions(**slurm)
 
 
 def test_slurm_options_checked_against_sinfo(fake_cluster):

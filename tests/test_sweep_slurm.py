@@ -7,7 +7,6 @@ a few epochs, one CPU and one thread per task) so that two tasks run at once on 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -15,38 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slurm_cluster_reason
 from kdlib import sweep
 from kdlib.errors import KDLibError
-from kdlib.sweep import slurm as sweep_slurm
+from kdlib.runs import RunJob
+from kdlib.runs import slurm as sweep_slurm
 
-from test_sweep import TINY_SET, tiny_spec
+from test_sweep import tiny_spec
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _sinfo_answers() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _cluster_reason() -> str:
-    if _sinfo_answers():
-        return ""
-    # not started by .ci/run: start it here when this machine has Slurm installed and we are root
-    if shutil.which("slurmctld") and subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0":
-        # under a lock: the two pytest-xdist workers both import this module
-        subprocess.run(["flock", "/var/tmp/kdlib-slurm-start.lock", str(ROOT / "tests/slurm/cluster.sh"), "start"],
-                       capture_output=True, timeout=300)
-        if _sinfo_answers():
-            return ""
-    return "no Slurm cluster answers `sinfo` (start one with: sudo tests/slurm/cluster.sh start)"
-
-
-REASON = _cluster_reason()
+REASON = slurm_cluster_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON),
               pytest.mark.xdist_group("slurm")]  # one cluster: its tests run one after another
 
@@ -115,7 +91,7 @@ def test_real_jobs_teacher_then_array_equal_the_local_executor(tmp_path):
     start = time.monotonic()
     out = tmp_path / "slurm"
     result = sweep.run_sweep(slurm_spec(out, tmp_path / "teachers_slurm"), progress=False)
-    assert result.ok and result.submitted == 4 and len(result.job_ids) == 2
+    assert result.ok and result.submitted == 4 and result.teachers == 1 and len(result.job_ids) == 2
     second = (out / "submitit" / f"{result.job_ids[1]}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterany:{result.job_ids[0]}\n" in second
     assert "--gpus" not in second and "#SBATCH --cpus-per-task=1\n" in second
@@ -185,7 +161,7 @@ def test_requeued_task_resumes_and_ends_identical(tmp_path, how, uninterrupted):
 
 def test_cancelled_task_leaves_the_others_and_says_how_to_resume(tmp_path):
     spec = slurm_spec(tmp_path / "sweep", tmp_path / "t", **{**LONG_RUN, "seeds": [0, 1]})
-    runs = {r.seed: r for r in sweep.plan(spec)}
+    runs = {r.config.seed: r for r in sweep.plan(spec)}
     box = {}
     waiter = threading.Thread(target=lambda: box.update(result=sweep.run_sweep(spec, progress=False)))
     waiter.start()
@@ -208,12 +184,12 @@ def test_cancelled_task_leaves_the_others_and_says_how_to_resume(tmp_path):
 def test_two_tasks_given_the_same_run_train_it_once(tmp_path, tiny_teachers_dir):
     spec = slurm_spec(tmp_path / "sweep", tiny_teachers_dir, **{**LONG_RUN, "epochs": 2}).normalised()
     (run,) = sweep.plan(spec)
-    executor = sweep_slurm._slurm_executor(spec, tmp_path / "sweep")
-    jobs = executor.submit_array([sweep.RunJob(run.config.to_dict(), 1) for _ in range(2)])
+    executor = sweep_slurm.executor(spec.slurm, tmp_path / "sweep")
+    jobs = executor.submit_array([RunJob([run], 1) for _ in range(2)])
     wait_until(lambda: not queued(str(jobs[0].job_id).split("_")[0]), what="both tasks to end")
     import pickle
 
-    statuses = sorted(pickle.loads(job.paths.result_pickle.read_bytes())[1]["status"] for job in jobs)
+    statuses = sorted(pickle.loads(job.paths.result_pickle.read_bytes())[1][0]["status"] for job in jobs)
     # both start at once (two CPUs): one trains, the other finds the lock taken; had the second started
     # after the first ended, it would find the run finished. Either way the run is trained once.
     assert statuses in (["finished", "locked"], ["finished", "finished"])

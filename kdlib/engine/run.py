@@ -13,6 +13,7 @@ the library's default, :func:`kdlib.default_teacher_provider`, is used.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -192,7 +193,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
 
 def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = None, progress: bool = False,
             verbose: bool = True, _dataset=None) -> Run:
-    """Build data, teacher source, student, method and optimizer; load the checkpoint when resuming."""
+    """Build data, teacher source, student, method and optimizer; load the checkpoint when resuming.
+
+    The order fixes the random numbers: data, teacher, ``seed_everything``, student, method, setup,
+    optimizer, teacher-logit source, resume."""
     from kdlib import methods, models
     from kdlib.data import load_dataset
     from kdlib.methods.base import SetupContext
@@ -237,30 +241,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
     # logits of a sample depend on the rest of its batch, so a cache filled in other batches would no
     # longer equal the live teacher (kdlib.logit_cache, "Fidelity"); the teacher is a forward pass only
     teacher_amp = amp if device.type == "cuda" else "none"
-    teacher_logits: Optional[Callable] = LiveTeacher(teacher, device, teacher_amp) if teacher is not None else None
-    # the exact teacher-logit cache (kdlib.logit_cache) replaces the live teacher where it pays
-    cache_plan = logit_cache.plan(cfg.teacher_cache, uses_teacher=teacher is not None,
-                                  num_images=int(dataset.train_images.shape[0]), num_classes=C,
-                                  device=device, amp=teacher_amp, dtype=cfg.teacher_cache_dtype)
-    if graph and cfg.teacher_cache == "auto" and cache_plan["mode"] == "lazy":
-        # a graph cannot fill a lazy cache (a miss needs the host): fill it up front, once per teacher and
-        # data, shared by every run (see RunConfig.graph; decided from gpu-notes, not measured here)
-        cache_plan.update(mode="full", reason=cache_plan["reason"] + "; graph mode fills it up front")
-    cache, cache_record = logit_cache.open_for_run(cache_plan, teacher, teacher_logits, dataset,
-                                                   teacher_name=str(cfg.teacher), device=device, amp=teacher_amp,
-                                                   channels_last=channels_last, progress=opening.bars)
-    if cache is not None:
-        if graph and not cache.capturable:
-            # a lazy (incomplete) cache cannot be read inside a graph: the live teacher runs in the graph
-            cache_record["graph"] = "not used in graph mode: incomplete or not on the device; live teacher"
-            log(f"[{name}] teacher logits: live teacher inside the graph (the cache is incomplete)")
-            cache.close()
-            cache = None
-        else:
-            teacher_logits = cache
-            log(f"[{name}] teacher logits: {cache_record['mode']} cache ({cache_record['dtype']}, "
-                f"{100 * cache_record['filled']:.1f}% filled) {cache_record['path']}")
-
+    teacher_logits, cache, cache_record = _teacher_logits(opening, teacher, dataset, teacher_amp)
     step = TrainingStep(images_u8=dataset.train_images, labels=dataset.train_labels, forward=forward_student,
                         method=method, optimizer=optimizer, teacher_logits=teacher_logits, teacher=teacher,
                         device=device, amp=amp, channels_last=channels_last, teacher_amp=teacher_amp)
@@ -273,21 +254,61 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
             graph = False
 
     run = Run(opening, dataset, student, method, optimizer, step, teacher, cache, lr_tensor, graph)
-    ckpt = opening.ckpt
-    if ckpt is not None:
-        try:
-            student.load_state_dict(ckpt["student"])
-            method.load_state_dict(ckpt["method"])
-            load_optimizer_state(optimizer, ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise KDLibError(f"checkpoint {opening.ckpt_path} does not fit this run ({exc}); delete the run "
-                             f"directory {opening.out} to start over") from None
-        run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
-        run.start_epoch = int(ckpt["epoch"]) + 1
-        set_rng_state(ckpt["rng"])
+    if opening.ckpt is not None:
+        _resume(run, opening)
+    run.metrics = _first_metrics(run, method_cls, setup_facts, teacher_info, cache_record)
+    return run
 
-    previous = opening.previous
-    run.metrics = {
+
+def _teacher_logits(opening: Opening, teacher: Optional[nn.Module], dataset, teacher_amp: str):
+    """Where the step gets the teacher's logits: the live teacher, or the exact cache
+    (:mod:`kdlib.logit_cache`) where it pays; with the cache's record for ``metrics.json``."""
+    cfg, device, graph, log, name = opening.cfg, opening.device, opening.graph, opening.log, opening.label
+    teacher_logits: Optional[Callable] = LiveTeacher(teacher, device, teacher_amp) if teacher is not None else None
+    cache_plan = logit_cache.plan(cfg.teacher_cache, uses_teacher=teacher is not None,
+                                  num_images=int(dataset.train_images.shape[0]), num_classes=dataset.num_classes,
+                                  device=device, amp=teacher_amp, dtype=cfg.teacher_cache_dtype)
+    if graph and cfg.teacher_cache == "auto" and cache_plan["mode"] == "lazy":
+        # a graph cannot fill a lazy cache (a miss needs the host): fill it up front, once per teacher and
+        # data, shared by every run (see RunConfig.graph; decided from GPU measurements, not measured here)
+        cache_plan.update(mode="full", reason=cache_plan["reason"] + "; graph mode fills it up front")
+    cache, cache_record = logit_cache.open_for_run(cache_plan, teacher, teacher_logits, dataset,
+                                                   teacher_name=str(cfg.teacher), device=device, amp=teacher_amp,
+                                                   channels_last=bool(cfg.channels_last), progress=opening.bars)
+    if cache is not None:
+        if graph and not cache.capturable:
+            # a lazy (incomplete) cache cannot be read inside a graph: the live teacher runs in the graph
+            cache_record["graph"] = "not used in graph mode: incomplete or not on the device; live teacher"
+            log(f"[{name}] teacher logits: live teacher inside the graph (the cache is incomplete)")
+            cache.close()
+            cache = None
+        else:
+            teacher_logits = cache
+            log(f"[{name}] teacher logits: {cache_record['mode']} cache ({cache_record['dtype']}, "
+                f"{100 * cache_record['filled']:.1f}% filled) {cache_record['path']}")
+    return teacher_logits, cache, cache_record
+
+
+def _resume(run: Run, opening: Opening) -> None:
+    """Load the checkpoint's student, method, optimizer, history and random state into ``run``."""
+    ckpt = opening.ckpt
+    try:
+        run.student.load_state_dict(ckpt["student"])
+        run.method.load_state_dict(ckpt["method"])
+        load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise KDLibError(f"checkpoint {opening.ckpt_path} does not fit this run ({exc}); delete the run "
+                         f"directory {opening.out} to start over") from None
+    run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
+    run.start_epoch = int(ckpt["epoch"]) + 1
+    set_rng_state(ckpt["rng"])
+
+
+def _first_metrics(run: Run, method_cls, setup_facts, teacher_info, cache_record) -> Dict[str, Any]:
+    """``metrics.json`` as this segment starts: the resolved config and what the run was built from."""
+    opening = run.opening
+    cfg, previous = opening.cfg, opening.previous
+    return {
         "schema": rundir.SCHEMA_VERSION,
         "status": "running",
         "config": {
@@ -298,7 +319,7 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
                        "defaults": rundir.jsonable(dict(method_cls.defaults)),
                        "uses_teacher": bool(method_cls.uses_teacher), "setup": rundir.jsonable(setup_facts),
                        "recipe": rundir.jsonable(cfg.method_recipe())},
-            "dataset": rundir.dataset_info(dataset),
+            "dataset": rundir.dataset_info(run.dataset),
             "teacher": teacher_info,
             "teacher_cache": cache_record,
             "versions": rundir.versions(),
@@ -310,9 +331,10 @@ def prepare(opening: Opening, *, teacher_provider: Optional[TeacherProvider] = N
         "final": None,
         "segments": list((previous or {}).get("segments", [])) + [{
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "start_epoch": run.start_epoch, "device": str(device), "amp": amp,
-            "channels_last": channels_last, "threads": torch.get_num_threads(),
-            "host": platform.node(), "graph": graph, "machine": machine_info(), "execution_notes": list(opening.execution_notes),
+            "start_epoch": run.start_epoch, "device": str(opening.device), "amp": opening.amp,
+            "channels_last": bool(cfg.channels_last), "threads": torch.get_num_threads(),
+            # where it ran: a Slurm job's id (None elsewhere), so a record says which job trained it
+            "host": platform.node(), "slurm_job": os.environ.get("SLURM_JOB_ID"), "graph": run.graph,
+            "machine": machine_info(), "execution_notes": list(opening.execution_notes),
             "graph_captures": 0, "graph_replays": 0, "eager_steps": 0, "graph_fallback": None}],
     }
-    return run

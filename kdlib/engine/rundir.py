@@ -1,8 +1,9 @@
-"""A run directory on disk: its files, its identity, reading and keeping checkpoints.
+"""A run directory on disk: its files, its identity, its lock, reading and keeping checkpoints.
 
 Files (every one written atomically, :mod:`kdlib.io`): ``metrics.json`` (rewritten after every epoch),
 ``checkpoint.pt`` (after every epoch; the one it replaces stays as ``checkpoint.prev.pt``, a hard link, so
 ``checkpoint.pt`` never vanishes), and at the end ``confusion.npy``, ``student.pt``, ``method_artifacts.npz``.
+``.lock`` is the run's lock (:class:`RunLock`): whoever trains the run holds it.
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import contextlib
 import json
 import os
 import platform
+import time
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ from torch import Tensor
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError
 
-__all__ = ["METRICS", "CHECKPOINT", "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT",
+__all__ = ["RunLock", "RunLocked", "LOCK", "METRICS", "CHECKPOINT", "PREVIOUS_CHECKPOINT", "CONFUSION", "ARTIFACTS", "STUDENT",
            "SCHEMA_VERSION", "read_checkpoint", "read_metrics_file", "identity_from_metrics", "diff",
            "keep_previous_checkpoint", "read_resume_checkpoint", "check_writable", "versions", "git_commit",
            "dataset_info", "jsonable", "normalised"]
@@ -34,7 +37,94 @@ PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 CONFUSION = "confusion.npy"
 ARTIFACTS = "method_artifacts.npz"
 STUDENT = "student.pt"
+LOCK = ".lock"
 SCHEMA_VERSION = 1
+
+try:  # POSIX; without it (Windows) runs are not locked against a second process
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunLocked(KDLibError):
+    """Another process is training this run right now."""
+
+
+class RunLock:
+    """The one lock of a run: an exclusive ``flock`` on ``<run dir>/.lock``, held while the run trains.
+
+    Every way of running (a chapter, a sweep's job, a Slurm task, a teacher trained for a student) takes
+    it, so two processes never train one run. Why flock and not a pid file: the kernel releases the lock
+    when the holder exits, crashes or is killed, so there is no stale lock; it works across hosts on NFS
+    (Linux emulates flock with POSIX locks there); two opens in one process conflict too. The file's
+    content (host, pid, start) only serves the messages. ``wait=True`` waits for the holder (a chapter
+    asking for a run another chapter is training), ``wait=False`` raises :class:`RunLocked` (a sweep
+    skips the run).
+    """
+
+    def __init__(self, run_dir: Union[str, os.PathLike], wait: bool = False):
+        self.path, self.wait, self._fd = Path(run_dir) / LOCK, wait, None
+
+    def acquire(self, retry_seconds: float = 1.0) -> "RunLock":
+        if fcntl is None:  # pragma: no cover
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.wait:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + retry_seconds  # rides out a probe by holder() at the same instant
+        while not self.wait:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RunLocked(f"{self.path.parent} is being trained by another process "
+                                    f"({_read_holder(self.path) or 'unknown'})") from None
+                time.sleep(0.1)
+        stamp = f"{platform.node()} pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, stamp.encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @staticmethod
+    def holder(run_dir: Union[str, os.PathLike]) -> Optional[str]:
+        """Who holds the run's lock right now ("host pid N since ..."), or None when nobody does."""
+        path = Path(run_dir) / LOCK
+        if fcntl is None or not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: never blocks another prober
+        except BlockingIOError:
+            return _read_holder(path) or "another process"
+        finally:
+            os.close(fd)  # closing drops a lock we may have taken
+        return None
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 # -- run records ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Options: ``weight_mode`` ratio | inv_student (:math:`1/p^s_t`) | none (r = 1), `
 ``implicit`` switch the TCKD / NCKD terms, ``separate`` serial | none. ``separate="parallel"`` (a second
 head on the penultimate features) is not offered: the engine passes logits only to a method.
 Defaults (kdlib's choices): alpha = 1, beta = 8 (DKD's per-pair beta when the pair is known,
-:func:`kdlib.methods.dkd.default_beta`), T = 4, 20 warm-up epochs,
+:data:`kdlib.methods.dkd.PER_PAIR_BETA`), T = 4, 20 warm-up epochs,
 lambda_CE = 1, r in [0, 10], ``num_classes`` = 100 (the layer's size; ``setup`` re-creates it for
 another class count, so the engine must call ``setup`` before building the optimizer).
 weight_mode none + separate none is DKD exactly.
@@ -35,7 +35,7 @@ from kdlib.losses import WEIGHT_MODES, adaptive_weight, as_float, dkd_parts
 from kdlib.methods import register
 from kdlib.methods.base import (Method, check_choice, check_int, check_nonnegative, check_positive,
                                 warmup_factor)
-from kdlib.methods.dkd import default_beta  # noqa: F401  (Method.pair_defaults: DKD's per-pair beta)
+from kdlib.methods.dkd import PER_PAIR_BETA
 
 SEPARATIONS = ("serial", "none", "parallel")
 
@@ -87,6 +87,7 @@ class AEKT(Method):
     defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20,
                 "weight_mode": "ratio", "r_min": 0.0, "r_max": 10.0, "explicit": True, "implicit": True,
                 "separate": "serial", "num_classes": 100}
+    per_pair = {"beta": PER_PAIR_BETA}
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)

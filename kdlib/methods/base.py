@@ -98,6 +98,9 @@ class Method(nn.Module):
     #: False when ``forward`` cannot be captured in a CUDA graph (it reads a tensor on the host, or its
     #: shapes depend on data); the engine then runs this method's steps eagerly and says so in the log
     graph_safe: ClassVar[bool] = True
+    #: per teacher/student pair values of a hyperparameter, as data: ``{"beta": {(teacher, student): 2.0}}``
+    #: (DKD's tuned beta); a pair not in the table keeps ``defaults``, and a value the user sets wins
+    per_pair: ClassVar[Dict[str, Dict[Tuple[str, str], Any]]] = {}
 
     def __init__(self, **hyperparameters: Any) -> None:
         super().__init__()
@@ -115,23 +118,6 @@ class Method(nn.Module):
         """Recipe fields (``RunConfig`` names, e.g. ``lr``) where the method's authors ran another recipe
         than the shared one; applied by ``RunConfig.resolved`` to fields the user left unset (None)."""
         return {}
-
-    @classmethod
-    def pair_defaults(cls, teacher: str, student: str) -> Dict[str, Any]:
-        """Per teacher/student pair defaults (DKD's beta), applied unless the user sets the value.
-
-        By default: for each hyperparameter ``h``, a function ``default_h(teacher, student)`` defined in
-        the method's own module (e.g. ``kdlib.methods.dkd.default_beta``). Override for anything else.
-        """
-        import sys
-
-        module = sys.modules.get(cls.__module__)
-        found = {}
-        for name in cls.defaults:
-            fn = getattr(module, f"default_{name}", None)
-            if callable(fn):
-                found[name] = fn(teacher, student)
-        return found
 
     def check_num_classes(self, num_classes: int) -> None:
         """Raise :class:`KDLibError` if the hyperparameters cannot work with ``num_classes`` classes

@@ -6,7 +6,7 @@ r"""Decoupled knowledge distillation (Zhao et al., CVPR 2022). Exact: mdistiller
 with :math:`b = [p_t, 1 - p_t]` (TCKD, target class) and :math:`\hat p` the distribution renormalised over
 the C-1 non-target classes (NCKD); both KLs summed over classes and averaged over the batch; epochs e
 counted from 1. Defaults: lambda_CE = 1, alpha = 1, beta = 8, T = 4, 20 warm-up epochs. The authors' per-pair
-beta is :data:`PER_PAIR_BETA` (:func:`default_beta`). kdlib drops the target column exactly instead of
+beta is :data:`PER_PAIR_BETA` (``DKD.per_pair``). kdlib drops the target column exactly instead of
 subtracting 1000 from its logit (same value, finite for any logits).
 ``standardize=True``: logit standardisation (Sun et al., CVPR 2024; their ``DKD.py``): both logit vectors
 z-scored per sample before the temperature, CE on raw logits (LS settings: :func:`kdlib.methods.ls.ls_settings`).
@@ -45,6 +45,7 @@ class DKD(Method):
     name = "dkd"
     defaults = {"ce_weight": 1.0, "alpha": 1.0, "beta": DEFAULT_BETA, "temperature": 4.0, "warmup": 20,
                 "standardize": False}
+    per_pair = {"beta": PER_PAIR_BETA}
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)
