@@ -226,8 +226,8 @@ GLUE_ANY = re.compile(r"\{glue(?::any)?\}`([A-Za-z0-9_]+)`")
 DOC_ROLE = re.compile(r"\{doc\}`(?:([^`<]*?)\s*<([^`>]+)>|([^`]+))`")
 GLUE_FIGURE = re.compile(r"^(`{3,}|:{3,})\{glue:figure\}\s*([A-Za-z0-9_]+)\s*\n(.*?)^\1\s*$", re.M | re.S)
 LITERALINCLUDE = re.compile(r"^(`{3,}|:{3,})\{literalinclude\}\s*(\S+)\s*\n(.*?)^\1\s*$", re.M | re.S)
-#: the kernel-side expression an inline {eval} shows for a glued value (kdlib.experiments.glued)
-EVAL_TEXT = "__import__('kdlib.experiments').experiments.glued({key!r}, {fmt!r})"
+#: the kernel-side expression an inline {eval} shows for a glued value (kdlib.glued.value)
+EVAL_TEXT = "__import__('kdlib.glued').glued.value({key!r}, {fmt!r})"
 LAB_STAMP = "kdlib_lab_copy"  # notebook metadata: the hash of what `make lab` wrote (to spot a reader's edits)
 
 

@@ -81,6 +81,7 @@ from torch import Tensor, nn
 
 from kdlib import config as kconfig
 from kdlib.errors import KDLibError
+from kdlib.glued import GLUED
 from kdlib.records import RunTables, load_runs
 
 __all__ = ["Setting", "run", "run_dir", "run_all", "load", "select", "label", "precision", "dataset", "teacher_model",
@@ -456,23 +457,8 @@ def glue(key: str, value: Any, display: bool = False) -> None:
 
     if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
         value = value.item()
-    GLUED[key] = value
+    GLUED[key] = value  # what the chapter's lab copy shows (kdlib.glued)
     _glue(key, value, display=display)
-
-
-#: every value this kernel glued, by name: what a notebook's inline ``{eval}`` shows (see :func:`glued`)
-GLUED: Dict[str, Any] = {}
-
-
-def glued(key: str, fmt: str = "") -> Any:
-    """The value glued as ``key``, formatted as ``{glue:text}`key:fmt``` formats it (a figure as itself):
-    the chapters opened in JupyterLab show it with an inline ``{eval}`` (``make lab``)."""
-    if key not in GLUED:
-        return f"[{key}: run the cells above]"
-    value = GLUED[key]
-    if fmt and isinstance(value, (int, float)):
-        return format(value, fmt)
-    return value
 
 
 def share(count: int, total: int) -> str:
