@@ -17,7 +17,7 @@ from kdlib.config import make_config
 from kdlib.errors import KDLibError
 from kdlib.methods import build
 from kdlib.methods.base import StepContext
-from kdlib.methods.ls import ls_settings
+from kdlib.methods.ls import ls_settings, settings_table
 
 B, C = 16, 10
 
@@ -314,6 +314,28 @@ def test_ls_settings_per_pair():
                                                               "kd_weight": 9.0, "standardize_levels": "instance"}
     with pytest.raises(KDLibError, match="logit standardisation"):
         ls_settings("dist", "resnet56", "resnet20")
+
+
+def test_ls_settings_dkd_as_the_authors_script_sets_them():
+    # tools/train.py --logit-stand --base-temp 2 --kd-weight 9 on a DKD config (ALPHA 1, BETA 2, T 4):
+    # ALPHA = 1 * 9 = 9; BETA = ALPHA * 9 = 81 (the config's BETA 2 is overwritten); the base temperature
+    # goes to KD.TEMPERATURE, so DKD keeps its T = 4
+    repo = ls_settings("dkd", "resnet56", "resnet20", dkd_beta=2.0, reading="repository")
+    assert repo == {"standardize": True, "temperature": 4.0, "alpha": 9.0, "beta": 81.0, "ce_weight": 1.0}
+    # alpha 0.5 in a config: ALPHA 4.5, BETA 40.5, whatever beta was
+    half = ls_settings("dkd", "resnet32x4", "resnet8x4", dkd_alpha=0.5, dkd_beta=8.0, reading="repository")
+    assert (half["alpha"], half["beta"]) == (4.5, 40.5)
+    paper = ls_settings("dkd", "resnet56", "resnet20", dkd_beta=2.0)  # the default reading: the paper's text
+    assert (paper["alpha"], paper["beta"], paper["temperature"]) == (9.0, 18.0, 2.0)
+    assert build("dkd", **repo).beta == 81.0
+    for method in ("kd", "mlkd", "ctkd"):  # the two readings differ for DKD only
+        assert ls_settings(method, "resnet56", "resnet20", reading="repository") == ls_settings(
+            method, "resnet56", "resnet20")
+    with pytest.raises(KDLibError, match="reading must be one of"):
+        ls_settings("dkd", "resnet56", "resnet20", reading="code")
+    rows = [r for r in settings_table([("resnet56", "resnet20")]) if r["method"].startswith("dkd")]
+    assert [(r["method"], r["alpha"], r["beta"], r["temperature"]) for r in rows] == [
+        ("dkd", 9.0, 18.0, 2.0), ("dkd (repository)", 9.0, 81.0, 4.0)]
 
 
 def mlkd_ls_ref(sw, tw, ss, ts, y, base_t=2.0, ce_w=0.1, kd_w=9.0):

@@ -9,6 +9,22 @@ values, and for MLKD + LS the repository's command (``tools/train.py --logit-sta
 --kd-weight 9``: base temperature 2 and kd_weight 9 on every MLKD term) with its ``MLKD.py``, which
 standardises inside the instance terms only (``standardize_levels="instance"``, MLKD's default). Not a
 module of the method registry.
+
+**DKD + LS: the paper and the repository disagree.** The paper's text: temperature 2, alpha and beta each
+times 9 (``reading="paper"``, the default). One version of the repository's ``tools/train.py`` (the one
+with ``cfg.DKD.BETA = cfg.DKD.ALPHA * args.kd_weight``) does, for ``--logit-stand --base-temp 2
+--kd-weight 9`` on a DKD config::
+
+    ALPHA <- ALPHA * 9               # 9 alpha
+    BETA  <- ALPHA * 9               # reads the ALPHA just scaled: 81 alpha, the config's BETA is lost
+    KD.TEMPERATURE <- 2              # a KD field: DKD reads DKD.T, which stays the config's 4
+
+and its ``DKD.py`` z-scores both logit vectors by ``(z - mean) / (1e-7 + std)`` with the unbiased std (as
+:func:`kdlib.losses.standardize`). ``reading="repository"`` gives those values: alpha 9 alpha, beta 81 alpha
+(whatever DKD's per-pair beta), temperature DKD's own 4. Another version of the same file scales
+``BETA`` by 9 and sets ``DKD.T`` to the base temperature, as the paper reads; the repository's DKD log
+names (``dkd,TEACHER,STUDENT,T,KD_WEIGHT,BETA``) record per-pair temperatures 2-3 and kd_weights 9-18 that
+match neither reading. For KD, CTKD and MLKD both readings give the same values.
 """
 from __future__ import annotations
 
@@ -29,17 +45,29 @@ KD_PER_PAIR: Dict[Tuple[str, str], Tuple[float, float]] = {
 KD_DEFAULT = (2.0, 9.0)
 #: the factor LS multiplies the KD-type weights by (DKD's alpha and beta, MLKD's kd_weight)
 LS_WEIGHT = 9.0
+#: whose numbers :func:`ls_settings` gives where the LS paper's text and its repository's code differ (DKD)
+READINGS = ("paper", "repository")
 
 
 def ls_settings(method: str, teacher: str, student: str, *, dkd_alpha: float = 1.0,
-                dkd_beta: float = 8.0) -> Dict[str, Any]:
+                dkd_beta: float = 8.0, reading: str = "paper") -> Dict[str, Any]:
     """The LS authors' hyperparameters for ``method`` on a pair (``standardize=True`` included).
 
-    ``dkd_beta`` is DKD's own per-pair beta before the LS scaling (``kdlib.methods.dkd.default_beta``).
+    ``dkd_alpha``/``dkd_beta`` are DKD's own per-pair weights before the LS scaling
+    (``kdlib.methods.dkd.default_beta``). ``reading``: ``"paper"`` (the default) or ``"repository"`` (DKD
+    as the authors' training script sets it: alpha * 9, beta = alpha * 81, DKD's own temperature).
     """
+    if reading not in READINGS:
+        raise KDLibError(f"reading must be one of {', '.join(map(repr, READINGS))}, got {reading!r}")
     if method == "kd":
         t, w = KD_PER_PAIR.get((teacher, student), KD_DEFAULT)
         return {"standardize": True, "temperature": t, "kd_weight": w, "ce_weight": 0.1}
+    if method == "dkd" and reading == "repository":
+        from kdlib.methods.dkd import DKD
+
+        alpha = LS_WEIGHT * dkd_alpha  # the script scales ALPHA first, then reads it for BETA
+        return {"standardize": True, "temperature": DKD.defaults["temperature"], "alpha": alpha,
+                "beta": LS_WEIGHT * alpha, "ce_weight": 1.0}
     if method == "dkd":
         return {"standardize": True, "temperature": 2.0, "alpha": LS_WEIGHT * dkd_alpha,
                 "beta": LS_WEIGHT * dkd_beta, "ce_weight": 1.0}
@@ -57,6 +85,9 @@ def settings_table(pairs) -> "list[dict]":
     rows = []
     for teacher, student in pairs:
         for method in ("kd", "dkd", "mlkd", "ctkd"):
-            rows.append({"method": method, "teacher": teacher, "student": student,
-                         **ls_settings(method, teacher, student, dkd_beta=default_beta(teacher, student))})
+            for reading in READINGS if method == "dkd" else ("paper",):
+                rows.append({"method": method if reading == "paper" else f"{method} ({reading})",
+                             "teacher": teacher, "student": student,
+                             **ls_settings(method, teacher, student, dkd_beta=default_beta(teacher, student),
+                                           reading=reading)})
     return rows
