@@ -42,6 +42,14 @@ STAGING = Path("_build") / "executed"
 SOLUTION_TAGS = {"solution", "remove-in-student"}
 # a MyST block `:::{dropdown} Solution ... :::` (or admonition) holds an exercise's answer
 SOLUTION_BLOCK = re.compile(r"^:::+\{(?:dropdown|admonition)\} *Solution.*?^:::+ *$", re.M | re.S)
+# a code exercise's answer (nbgrader's markers): student copies get nbgrader's stub instead
+SOLUTION_REGION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.M | re.S)
+STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+
+
+def stub_solutions(source: str) -> str:
+    """Each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region replaced with the stub, indented as it was."""
+    return SOLUTION_REGION.sub(lambda m: "\n".join(m.group(1) + line for line in STUB.splitlines()), source)
 
 
 def toc_files(root: Path) -> List[str]:
@@ -149,7 +157,68 @@ def execute_chapter(src: Path, dst: Path, parameters: Dict, cwd: Path, collect: 
     if errors:
         raise KDLibError(f"chapter {src.name} has error output: {errors[0].get('ename')}")
     hide_injected_parameters(dst)
+    label_parameters(dst, parameters, src.stem)
     return time.perf_counter() - start
+
+
+PARAMETERS_TAG = "kdlib-parameters"  # the note that says which parameters a page was executed with
+
+
+def label_parameters(path: Path, parameters: Dict, chapter: str) -> bool:
+    """Put a note under the title of an executed chapter that ran with parameters other than the
+    profile's defaults, so the page says so (and how to rebuild or keep it); True when it did."""
+    import nbformat
+
+    others = {k: v for k, v in parameters.items() if k != "profile"}
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if PARAMETERS_TAG not in c.get("metadata", {}).get("tags", [])]
+    if others:
+        shown = ", ".join(f"`{k} = {v!r}`" for k, v in others.items())
+        option = " ".join(f"-p {k} '{yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}'"
+                          for k, v in others.items())
+        note = nbformat.v4.new_markdown_cell(
+            f":::{{note}} Executed with other parameters\n"
+            f"This page was executed with {shown} (profile `{parameters.get('profile', 'smoke')}`), not the "
+            f"book's defaults: `make chapter CHAPTER={chapter} PARAMS=\"{option}\"`. `make book` executes it again "
+            f"with the defaults unless told to keep it: `make book KEEP={chapter}`.\n:::",
+            metadata={"tags": [PARAMETERS_TAG]})
+        at = next((i + 1 for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+                   and c.source.lstrip().startswith("# ")), 0)
+        nb.cells.insert(at, note)
+    nbformat.write(nb, path)
+    return bool(others)
+
+
+def stage_unexecuted(root: Path, staging: Path, names: List[str]) -> List[str]:
+    """Stage the source of every chapter in ``names`` that has no executed copy yet (its page then shows
+    no outputs), so that the HTML book can be built after executing only some chapters; returns them."""
+    import nbformat
+
+    staged = []
+    for name in names:
+        src = source_of(root, name)
+        dst = staging / f"{name}.ipynb"
+        if is_notebook(src) and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(read_notebook(src), dst)
+            staged.append(name)
+    return staged
+
+
+def kept_chapters(root: Path, staging: Path, keep: List[str], names: List[str]) -> List[str]:
+    """The chapters of ``names`` that ``--keep`` asks to keep as they were executed (``all``: every one
+    whose executed copy ran with parameters other than the profile's defaults) and that have an executed copy."""
+    wanted = set(names) if "all" in keep else {n if "/" in n else f"book/{n}" for n in keep}
+    unknown = wanted - set(names)
+    if unknown:
+        raise KDLibError(f"--keep: unknown chapter {sorted(unknown)[0]!r}; chapters: "
+                         + ", ".join(Path(n).name for n in names))
+    kept = []
+    for name in names:
+        executed = executed_parameters(staging / f"{name}.ipynb")
+        if name in wanted and executed is not None and ("all" not in keep or set(executed) - {"profile"}):
+            kept.append(name)
+    return kept
 
 
 def stage(root: Path, staging: Path) -> None:
@@ -171,6 +240,7 @@ def stage(root: Path, staging: Path) -> None:
 def build_html(root: Path, staging: Path, out: Optional[Path] = None, quiet: bool = False) -> Path:
     """``jupyter-book build`` of the staged (executed) chapters into ``out/_build/html``; the index page."""
     out = root if out is None else out
+    write_course_tables(root, staging)
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb), "build", str(staging), "--path-output", str(out), "--keep-going"]
     result = subprocess.run(cmd, cwd=root, capture_output=quiet, text=True)
@@ -179,6 +249,14 @@ def build_html(root: Path, staging: Path, out: Optional[Path] = None, quiet: boo
         tail = f": {result.stdout[-2000:]}{result.stderr[-2000:]}" if quiet else ""
         raise KDLibError(f"jupyter-book build failed (exit {result.returncode}){tail}")
     return index
+
+
+def write_course_tables(root: Path, staging: Path) -> None:
+    """The course page's tables (exercises, this build's chapter times), measured from the staged chapters."""
+    from kdlib import course_page
+
+    chapters = [Path(n).name for n in toc_files(root) if is_notebook(source_of(root, n))]
+    course_page.write_tables(staging, chapters)
 
 
 #: what ``make pdf`` needs besides Python: program -> the Debian package that brings it
@@ -253,6 +331,7 @@ def student_copies(root: Path, out: Path) -> List[Path]:
                 cell.source = SOLUTION_BLOCK.sub("", cell.source)
             else:
                 cell.outputs, cell.execution_count = [], None
+                cell.source = stub_solutions(cell.source)
         target = out / f"{Path(name).name}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, target)
@@ -334,7 +413,8 @@ def _execute_in_subprocesses(root: Path, names: List[str], args: argparse.Namesp
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="smoke", help="smoke (offline, CI), course or paper")
     parser.add_argument("--only", action="append", metavar="CHAPTER",
-                        help="execute only this chapter (e.g. dkd); repeatable; skips the HTML build")
+                        help="execute only this chapter (e.g. dkd); repeatable; then builds the HTML book from "
+                             "the chapters executed so far (--no-html: not)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a chapter parameter, as papermill's -p (VALUE is parsed as YAML)")
     parser.add_argument("--no-html", action="store_true", help="execute the chapters, do not build the HTML")
@@ -348,6 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="chapters executed side by side between the first and the last (default: one "
                              "per CPU core; 1: one after the other)")
+    parser.add_argument("--keep", action="append", default=[], metavar="CHAPTER",
+                        help="keep this chapter as it was last executed (e.g. by `make chapter` with other "
+                             "parameters) instead of executing it again; repeatable; `all`: every chapter last "
+                             "executed with other parameters")
     parser.add_argument("--no-stage", action="store_true", help=argparse.SUPPRESS)  # a side-by-side chapter
     from kdlib.bookruns import add_book_executor_arguments
 
@@ -400,8 +484,11 @@ def run(args: argparse.Namespace) -> int:
             _execute_here(root, staging, name, parameters, args.profile, Path(args.collect) / f"{Path(name).name}.jsonl")
         return 0
     total = time.perf_counter()
+    kept = kept_chapters(root, staging, args.keep, names) if args.keep else []
+    for name in kept:
+        print(f"{name}: kept as executed with {executed_parameters(staging / f'{name}.ipynb')}", flush=True)
     todo = []
-    for name in names:
+    for name in [n for n in names if n not in kept]:
         src = source_of(root, name)
         if not is_notebook(src):
             continue
@@ -425,8 +512,10 @@ def run(args: argparse.Namespace) -> int:
     for name in alone_last:
         _execute_here(root, staging, name, parameters, args.profile)
     print(f"chapters executed in {time.perf_counter() - total:.0f} s")
-    if args.only or args.no_html:
+    if args.no_html or args.no_stage:  # --no-stage: one chapter of a whole build, executed side by side
         return 0
+    if args.only:  # `make chapter`: build the pages again, this chapter's with the parameters it ran with
+        stage_unexecuted(root, staging, toc_files(root))
     if args.pdf:
         print(f"book: {build_pdf(root, staging)}")
         return 0

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sweep": ("kdlib.sweep", "run a grid of methods x pairs x seeds and summarise it"),
     "bench": ("kdlib.bench", "measure a distillation step against the reference pipeline"),
     "book": ("kdlib.bookbuild", "execute the book's chapters and build the HTML book"),
+    "course": ("kdlib.course", "the book as a course: nbgrader assignments, JupyterLab and student copies"),
 }
 
 

@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from kdlib import config as kconfig
 from kdlib import runs
 from kdlib.errors import KDLibError
+from kdlib.glued import GLUED
 from kdlib.records import RunTables, load_runs
 from kdlib.runs import run_workers  # how many runs run_all trains at once
 
@@ -445,6 +446,7 @@ def glue(key: str, value: Any, display: bool = False) -> None:
 
     if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
         value = value.item()
+    GLUED[key] = value  # what the chapter's lab copy shows (kdlib.glued)
     _glue(key, value, display=display)
 
 

@@ -74,6 +74,7 @@ def test_student_copies_drop_solutions_and_outputs(tmp_path):
         nb = json.loads(text)
         assert not any(c.get("outputs") for c in nb["cells"])
         assert not any("solution" in c["metadata"].get("tags", []) for c in nb["cells"])
+        assert "BEGIN SOLUTION" not in text, "a code exercise's solution leaked into a student copy"
 
 
 @pytest.mark.slow

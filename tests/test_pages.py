@@ -100,8 +100,9 @@ def html_book(tiny_chapters, tmp_path_factory):
     return index.parent
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium_driver(flags=CHROMIUM_FLAGS, timeout: float = 60, logging: bool = False):
+    """Headless Chromium driven by selenium with its own profile folder, as a generator for a fixture
+    (yields the driver, then quits it); skips the test with the reason where Chromium is missing."""
     found, reason = find_chromium()
     if found is None:
         print(f"SKIP: {reason}")
@@ -113,15 +114,21 @@ def browser():
     profile = Path(tempfile.mkdtemp(prefix="kdlib-chromium-"))
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+    for flag in list(flags) + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    if logging:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
-    driver.set_page_load_timeout(60)
-    driver.set_script_timeout(60)
+    driver.set_page_load_timeout(timeout)
+    driver.set_script_timeout(timeout)
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from chromium_driver(logging=True)
 
 
 def page_files(html: Path):
