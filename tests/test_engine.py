@@ -51,9 +51,12 @@ def test_profiles_and_protocol_defaults():
     assert make_config("paper", student="ShuffleV2").resolved().lr == 0.01
     assert make_config("paper", student="MobileNetV2").resolved().lr == 0.01
     smoke = make_config("smoke").resolved()
-    # 3.75, 4.5, 5.25 round half up to 4, 5, 5; the collision moves to 6, the last epoch, where it would act
-    # on no epoch at all, so the 6-epoch student keeps two distinct decays
-    assert smoke.milestones == scaled_milestones(6) == [4, 5]
+    # 6 epochs: 3.75, 4.5, 5.25 round half up to 4, 5, 5; the collision moves to 6, the last epoch, where it
+    # would act on no epoch at all, so a 6-epoch student keeps two distinct decays
+    assert scaled_milestones(6) == [4, 5]
+    # the 4-epoch smoke student: 2.5, 3, 3.5 round half up to 3, 3, 4; the two 3s are one decay and 4, the
+    # last epoch, would act on no epoch, so one decay remains
+    assert smoke.epochs == 4 and smoke.milestones == scaled_milestones(4) == [3]
     assert smoke.teacher_milestones == scaled_milestones(20) == [13, 15, 18]  # 12.5 and 17.5 rounded half up
     course = make_config("course").resolved()
     assert course.milestones == [13, 15, 18]
@@ -430,4 +433,6 @@ def test_scaled_schedule_decays_one_step_at_a_time():
             assert abs(ms[0] - 150 * epochs / 240) <= 1, (epochs, ms)
     smoke = make_config("smoke").resolved()
     lrs = [lr_at(e, smoke.lr, smoke.milestones, smoke.lr_decay) for e in range(1, smoke.epochs + 1)]
-    assert lrs == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.005, 0.0005])
+    assert lrs == pytest.approx([0.05, 0.05, 0.05, 0.005])  # decays after epoch 3 of 4
+    lrs6 = [lr_at(e, 0.05, scaled_milestones(6), 0.1) for e in range(1, 7)]
+    assert lrs6 == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.005, 0.0005])
