@@ -51,10 +51,8 @@ COMMUNITY_LAYOUT = "{dir}/{teacher}_vanilla/ckpt_epoch_240.pth"
 GRID_KEYS = ("method", "teacher", "student", "seed", "profile", "out", "teacher_checkpoint")
 PLAN, JOBS_DIR = "sweep.json", "submitit"
 #: --slurm-* flags of the command line, by SlurmOptions field (shared by `kdlib sweep` and `kdlib book`)
-SLURM_FLAGS = {"partition": "--slurm-partition", "gpus": "--slurm-gpus", "cpus": "--slurm-cpus",
-               "time_min": "--slurm-time", "array_parallelism": "--slurm-array-parallelism",
-               "mem_gb": "--slurm-mem", "account": "--slurm-account", "qos": "--slurm-qos",
-               "runs_per_task": "--slurm-runs-per-task"}
+SLURM_FLAGS = {f.name: "--slurm-" + {"time_min": "time", "mem_gb": "mem"}.get(f.name, f.name).replace("_", "-")
+               for f in dataclasses.fields(SlurmOptions)}
 
 
 def _dedupe(items) -> list:
@@ -193,8 +191,8 @@ class GridSpec:
         args += ["--set", *s.overrides] if s.overrides else []
         args += ["--executor", s.executor] + (["--workers", str(s.workers)] if s.workers != 1 else [])
         if s.executor == "slurm":
-            args += flag_words((SLURM_FLAGS[f.name], getattr(s.slurm, f.name)) for f in dataclasses.fields(SlurmOptions)
-                               if getattr(s.slurm, f.name) != getattr(d, f.name))
+            args += flag_words((flag, getattr(s.slurm, name)) for name, flag in SLURM_FLAGS.items()
+                               if getattr(s.slurm, name) != getattr(d, name))
         return shlex.join(args + (["--out", str(s.out)] if s.out else []))
 
     def to_dict(self) -> Dict[str, Any]:

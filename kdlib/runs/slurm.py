@@ -75,19 +75,14 @@ class SlurmOptions:
 
 
 def parse_time_minutes(value: Any) -> int:
-    """Slurm-style time limits as whole minutes: ``90``, ``"90"``, ``"HH:MM:SS"``, ``"D-HH:MM"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    """Slurm-style time limits as whole minutes: ``90``, ``"90"``, ``"HH:MM[:SS]"``, ``"D-HH[:MM[:SS]]"``
+    (``"02:30"`` is two and a half hours, as people mean it; Slurm itself would read MM:SS)."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value).strip())
-    if not match:
+    if isinstance(value, bool) or not match:
         raise KDLibError(f"slurm time must be minutes or [D-]HH:MM[:SS], got {value!r}")
-    days, first, second, third = match.groups()
-    if second is None and days is None:
-        minutes = int(first)
-    elif third is None and days is None:  # HH:MM... slurm reads "MM:SS" here; people mean HH:MM
-        minutes = int(first) * 60 + int(second)
-    else:
-        minutes = int(days or 0) * 1440 + int(first) * 60 + int(second or 0) + math.ceil(int(third or 0) / 60)
+    days, first, second, seconds = (int(x) if x else None for x in match.groups())
+    hours = days is not None or second is not None  # the first number counts hours
+    minutes = (days or 0) * 1440 + (first * 60 + (second or 0) if hours else first) + math.ceil((seconds or 0) / 60)
     if minutes < 1:
         raise KDLibError(f"slurm time {value!r}: a time limit must be at least one minute; use e.g. --slurm-time 90 "
                          f"(minutes) or 24:00:00")

@@ -158,11 +158,11 @@ def per_class_table(out_dir: os.PathLike | str) -> pd.DataFrame:
     return classes[columns].reset_index(drop=True)
 
 
-def print_tables(summary: pd.DataFrame, planned: Optional[set] = None) -> None:
-    """The final table (one line per run of ``planned`` run directories, or all) and the mean over seeds."""
+def print_tables(summary: pd.DataFrame) -> None:
+    """The final table, one line per run, and the mean over seeds."""
     import pandas as pd
 
-    table = (summary if planned is None else summary[summary["run_dir"].isin(planned)]).copy()
+    table = summary.copy()
     table["pair"] = [f"{t}->{s}" if isinstance(t, str) and t else s for t, s in zip(table["teacher"], table["student"])]
     table["error"] = table["error"].map(lambda e: e if len(e) <= 80 else e[:77] + "...")
     shown = ["method", "pair", "seed", "overrides", "status", "best_test_acc", "last_test_acc", "wall_seconds", "error"]
