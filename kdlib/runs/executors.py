@@ -3,9 +3,8 @@ jobs on this machine, or as Slurm arrays (:mod:`kdlib.runs.slurm`); and :func:`e
 
 Every executor trains a run with :func:`execute_run`: its lock, then :func:`kdlib.engine.train` (or
 :func:`kdlib.teachers.train_teacher`), which resumes an interrupted run from its last completed epoch; a
-failure goes to ``<run dir>/run_error.json``, so summaries rebuilt from the files know it. Teachers go
-first: the pool trains them here with every thread before its workers start, the local executor starts a
-run once the teacher it needs is done, Slurm runs the students' array after the teachers'.
+failure goes to ``<run dir>/run_error.json``, so summaries rebuilt from the files know it. Every
+executor trains the teachers before the runs that need them.
 """
 from __future__ import annotations
 
