@@ -6,7 +6,8 @@
   several processes, and OpenMP threads competing for cores run 10x slower than a single thread.
 * ``make test`` runs two pytest-xdist workers. The costly session fixtures (the tiny teacher, the executed
   chapters) live in a folder both workers share and are made once; tests that use a module-scoped
-  fixture, or carry an ``xdist_group`` mark, stay on one worker (CONTRIBUTING.md, "parallel-safe").
+  fixture, or carry an ``xdist_group`` mark, stay on one worker, and so do the tests of the executed book
+  and of the Slurm cluster (:data:`BOOK_GROUP`; CONTRIBUTING.md, "parallel-safe").
 * ``KDLIB_TEST_TIMES=file.json`` writes each test's wall and CPU seconds, to see where the time goes.
 """
 from __future__ import annotations
@@ -316,9 +317,16 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+#: the tests of the executed tiny book and of the Slurm cluster: one group, on one worker. Where a cluster
+#: answers, the book is built by Slurm jobs on the cluster's CPUs for minutes; split over both workers, the
+#: second would wait for it idle, while in one group the other worker goes on with the rest of the suite
+BOOK_GROUP = "tiny_book"
+
+
 def pytest_collection_modifyitems(config, items):
     """Under xdist, ``slow`` tests come first (the order is otherwise kept), so that no long test starts
-    last while the other worker idles; the worker then tells the scheduler the groups (see below)."""
+    last while the other worker idles; the worker then tells the scheduler the groups (see below): those
+    of ``xdist_group`` marks, and :data:`BOOK_GROUP` for every test of the executed book or the cluster."""
     groups_file = getattr(config, "workerinput", {}).get("kdlib_groups")
     if groups_file is None:
         return
@@ -329,7 +337,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                         for m in item.iter_markers("xdist_group")})
-        if names:
+        if "tiny_chapters" in item.fixturenames or "slurm" in names:
+            groups[item.nodeid] = BOOK_GROUP
+        elif names:
             groups[item.nodeid] = "_".join(names)
     atomic_write_json(groups_file, groups)  # before the worker reports its collection: no race
 

@@ -2,7 +2,8 @@
 
 A small suite is written next to a copy of the real conftest and run as `make test` runs it: the tests
 of a module with a module-scoped fixture, and those of one ``xdist_group``, must each land on one worker,
-and a ``shared_folder`` is made once for both workers.
+a ``shared_folder`` is made once for both workers, and the tests of the executed book (those that use
+``tiny_chapters``) share one worker with the Slurm tests (``BOOK_GROUP``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def test_free(i, record_property):
     record_property("worker", os.environ["PYTEST_XDIST_WORKER"])
 '''
 
+BOOK = '''
+import os, pytest
+
+@pytest.fixture
+def tiny_chapters():  # stands in for conftest's executed book: its name is what groups a test
+    return None
+
+@pytest.mark.parametrize("i", range(4))
+def test_reads_the_book(tiny_chapters, i, record_property):
+    record_property("worker", os.environ["PYTEST_XDIST_WORKER"])
+
+@pytest.mark.xdist_group("slurm")
+@pytest.mark.parametrize("i", range(4))
+def test_on_the_cluster(i, record_property):
+    record_property("worker", os.environ["PYTEST_XDIST_WORKER"])
+'''
+
 SHARED = '''
 import os
 from conftest import shared_folder
@@ -59,6 +77,7 @@ def test_groups_stay_on_one_worker_and_shared_folders_are_shared(tmp_path):
     shutil.copy(TESTS / "conftest.py", suite / "conftest.py")
     (suite / "test_module_fixture.py").write_text(MODULE_FIXTURE)
     (suite / "test_group.py").write_text(GROUP)
+    (suite / "test_book_and_cluster.py").write_text(BOOK)
     (suite / "test_shared_a.py").write_text(SHARED)
     (suite / "test_shared_b.py").write_text(SHARED)
     report = tmp_path / "report.json"
@@ -76,6 +95,10 @@ def test_groups_stay_on_one_worker_and_shared_folders_are_shared(tmp_path):
     assert len(module) == 6 and len({p["worker"] for p in module}) == 1, module
     assert len({p["fixture_pid"] for p in module}) == 1  # built once
     assert len(group) == 6 and len({p["worker"] for p in group}) == 1, group
+    book = [p for n, p in by_test.items() if "test_reads_the_book" in n or "test_on_the_cluster" in n]
+    assert len(book) == 8 and len({p["worker"] for p in book}) == 1, book
+    free = [p for n, p in by_test.items() if "test_free" in n]
+    assert len({p["worker"] for p in free}) == 2, free  # the grouping is not one worker for everything
     shared = {p["shared"] for n, p in by_test.items() if "shared_folder" in n}
     assert len(shared) == 1, shared
 

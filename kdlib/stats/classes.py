@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a kernel importing kdlib.stats for a
+    import pandas as pd  # t quantile (the exercises) should not pay a second for it
 
 from kdlib.errors import KDLibError
 from kdlib.stats.tdist import ALPHA
@@ -102,6 +104,7 @@ def class_effects(classes: pd.DataFrame, label: str, baseline: str, by: str = "l
     together, and *loses* when among the bottom ``tail``. Swapping a class's change with its twin leaves
     that pooled threshold unchanged, so the count of observed changes in a tail is an exact sign test over
     the classes with exactly one of the two in it (those with both count either way)."""
+    import pandas as pd
     a, b = _per_seed_classes(classes, label, by), _per_seed_classes(classes, baseline, by)
     seeds = sorted(set(a.columns) & set(b.columns))
     if not seeds:

@@ -5,10 +5,12 @@ The rules are stated once in :mod:`kdlib.stats`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a kernel importing kdlib.stats for a
+    import pandas as pd  # t quantile (the exercises) should not pay a second for it
 
 from kdlib.errors import KDLibError
 from kdlib.stats.tdist import ALPHA, PERMUTATIONS, _RNG_SEED
@@ -18,6 +20,7 @@ from kdlib.stats.classes import _per_seed_classes, ClassEffects
 # -- correlations -----------------------------------------------------------------------------------------------
 def spearman(x, y) -> float:
     """Spearman's rank correlation (Pearson's on average ranks), over the entries both have."""
+    import pandas as pd
     both = pd.concat([pd.Series(x).reset_index(drop=True), pd.Series(y).reset_index(drop=True)], axis=1).dropna()
     if len(both) < 3:
         return float("nan")
@@ -26,6 +29,7 @@ def spearman(x, y) -> float:
 
 def _rank_rows(m: np.ndarray) -> np.ndarray:
     """Average ranks along the last axis, centred and scaled to unit norm (for Pearson on ranks)."""
+    import pandas as pd
     r = pd.DataFrame(m.T).rank().to_numpy(float).T
     r = r - r.mean(axis=-1, keepdims=True)
     norm = np.linalg.norm(r, axis=-1, keepdims=True)
@@ -77,6 +81,7 @@ def effect_correlation(classes: pd.DataFrame, a: str, b: Optional[str], baseline
     ``other`` a per-class Series such as the teacher's accuracy), with crossed seeds: ``a``'s delta from
     seed s, the other from a seed t != s, averaged over disjoint pairs (s, t) (each seed used once, so no
     two terms share a run); permutation p-value."""
+    import pandas as pd
     base = _per_seed_classes(classes, baseline, by)
     xa = _per_seed_classes(classes, a, by)
     if b is not None:
@@ -123,6 +128,7 @@ def effect_association(effects: "ClassEffects", covariate, magnitude: bool = Tru
     e.g. the teacher's confidence), tested against the null twins: under "no class-specific effect" each
     class's change and its twin are exchangeable, so swapping them at random gives the null distribution,
     classes' own noise levels included (a noisy class is large in both). Two-sided p-value."""
+    import pandas as pd
     t = effects.table.set_index("class_index")
     x = pd.Series(covariate).reindex(t.index).to_numpy(float)
     o, z = t["centred"].to_numpy(float), t["null"].to_numpy(float)

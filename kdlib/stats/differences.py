@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a kernel importing kdlib.stats for a
+    import pandas as pd  # t quantile (the exercises) should not pay a second for it
 
 from kdlib.errors import KDLibError
 from kdlib.stats.tdist import POWER, t_cdf, t_quantile, t_critical, detectable_difference

@@ -4,10 +4,12 @@ The rules are stated once in :mod:`kdlib.stats`.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, TYPE_CHECKING, Tuple
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a kernel importing kdlib.stats for a
+    import pandas as pd  # t quantile (the exercises) should not pay a second for it
 
 from kdlib.errors import KDLibError
 from kdlib.stats.tdist import ALPHA
@@ -23,6 +25,7 @@ def compare(runs: pd.DataFrame, baseline: str, labels: Optional[Sequence[str]] =
     ``se``, ``df``, ``n``, ``p``, ``distinguishable``, ``sign``, ``detectable``, ``p_holm`` (Holm over the
     rows) and ``holm_distinguishable``, ``key`` and the ``verdict`` sentence. ``exclude``: labels left out
     (collapsed runs). Each row's interval comes from its own two labels' runs only."""
+    import pandas as pd
     exclude = set(exclude)
     names = [l for l in (labels if labels is not None else dict.fromkeys(runs[by]))
              if l != baseline and l not in exclude]
@@ -51,6 +54,7 @@ def collapsed_runs(runs: pd.DataFrame, num_classes: int, metric: str = "last_tes
     ``factor`` times chance (``100 / num_classes`` percent) in a setting whose median run is above twice
     that (a setting where nothing learns, such as the tests' one-epoch runs, flags no run for its
     accuracy). One row per such run with a ``reason``."""
+    import pandas as pd
     chance = 100.0 / num_classes
     values = pd.to_numeric(runs[metric], errors="coerce") if metric in runs else pd.Series(dtype=float)
     learns = bool(values.notna().any() and values.median() > 2 * factor * chance)
@@ -189,6 +193,7 @@ def verdict_table(rows: Sequence[Tuple]) -> pd.DataFrame:
     "losses" or "either")``, ``(claim, Correlation)`` or ``(claim, group_contrast(...))``. Columns: the estimate, its 95 % interval (or the test and
     its p-value), the verdict, the detectable difference, and with several tested rows the Holm verdict
     over the whole table (class counts enter Holm with twice their one-sided p-value)."""
+    import pandas as pd
     shown = [_table_row(*row) for row in rows]
     table = pd.DataFrame(shown, columns=["claim", "estimate", "95 % interval or test", "verdict",
                                          "detectable (80 %)", "_p"])
