@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict
 
-from kdlib.runs.executors import cores as _cores
+from kdlib import runs, sweep
+from kdlib.config import RunConfig
+from kdlib.engine.rundir import RunLock
+from kdlib.runs.executors import cores
 
 
 def add_book_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    from kdlib.sweep.command import add_execution_arguments
-
-    add_execution_arguments(parser, book=True)
+    sweep.add_execution_arguments(parser, book=True)
     parser.add_argument("--plan", action="store_true", help="with --executor: collect the chapters' runs, write "
                         "and print the plan (--verbose: every run's resolved recipe), train nothing")
     parser.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
@@ -31,15 +34,11 @@ def add_book_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def book_command(args: argparse.Namespace) -> str:
     """The ``python -m kdlib book`` command line of ``args``: running it again resumes the book."""
-    import shlex
-
-    from kdlib.sweep.grid import SLURM_FLAGS, flag_words
-
     words = ["python", "-m", "kdlib", "book", "--profile", args.profile]
     words += [w for name, value in args.parameter for w in ("-p", name, value)]
-    words += flag_words((("--data-root", args.data_root), ("--executor", args.executor), ("--workers", args.workers),
-                         ("--threads", args.threads), ("--jobs", args.jobs)))
-    words += flag_words((flag, getattr(args, f"slurm_{name}", None)) for name, flag in SLURM_FLAGS.items())
+    words += sweep.flag_words((("--data-root", args.data_root), ("--executor", args.executor),
+                               ("--workers", args.workers), ("--threads", args.threads), ("--jobs", args.jobs)))
+    words += sweep.flag_words((flag, getattr(args, f"slurm_{name}", None)) for name, flag in sweep.SLURM_FLAGS.items())
     return shlex.join(words)
 
 
@@ -48,28 +47,22 @@ class BookRuns:
     holds, deduplicated, teachers first; failures kept to be named at the end."""
 
     def __init__(self, args: argparse.Namespace, folder: Path):
-        from kdlib import runs
-        from kdlib.sweep.command import slurm_from_args
-
         self.args, self.folder, self.home = args, folder, Path(os.environ["KDLIB_HOME"]).absolute()
         self.command, self.workers = book_command(args), args.workers or 1
-        self.options = runs.SlurmOptions.from_mapping(slurm_from_args(args))
+        self.options = runs.SlurmOptions.from_mapping(sweep.slurm_from_args(args))
         if args.executor == "slurm":  # the options checked against the cluster before any chapter runs
             runs.slurm.executor(self.options, self.home / "jobs")
-        self.threads = runs.run_threads(args.threads, self.options.cpus if args.executor == "slurm" else _cores(),
-                                        self.workers)
+        cpus = self.options.cpus if args.executor == "slurm" else cores()
+        self.threads = runs.run_threads(args.threads, cpus, self.workers)
         self.seen, self.failed, self.queue, self.thread = set(), {}, [], None
 
     def asked(self, missing: bool = False) -> Dict[str, list]:
         """Per chapter, the runs it asked for (only those it lacked then: ``missing``), each once."""
-        from kdlib.config import RunConfig
-        from kdlib.runs import Run
-
         found = {}
         for path in sorted(self.folder.glob("*.jsonl")):
             entries = [e for e in map(json.loads, path.read_text().splitlines()) if e["missing"] or not missing]
-            found[path.stem] = list({e["config"]["out"]: Run(RunConfig.from_dict(e["config"]), e["role"], e["needs"])
-                                     for e in entries}.values())
+            found[path.stem] = list({e["config"]["out"]: runs.Run(RunConfig.from_dict(e["config"]), e["role"],
+                                                                  e["needs"]) for e in entries}.values())
         return found
 
     def new(self) -> list:
@@ -79,10 +72,7 @@ class BookRuns:
         self.seen.update(fresh)
         return sorted(fresh.values(), key=lambda r: r.role != "teacher")
 
-    def train(self, todo: list, round_: int) -> None:
-        from kdlib import runs
-        from kdlib.engine.rundir import RunLock
-
+    def train(self, todo: list, round_: str) -> None:
         outcomes, _ = runs.execute(todo, self.args.executor, folder=self.home / "jobs", workers=self.workers,
                                    threads=self.threads, slurm=self.options, resume=self.command,
                                    desc=f"book runs ({round_})")
@@ -97,8 +87,6 @@ class BookRuns:
 
     def poll(self) -> None:
         """Called while the chapters execute: train what they ask for after all, in a thread of its own."""
-        import threading
-
         self.queue += self.new()
         if self.queue and (self.thread is None or not self.thread.is_alive()):
             batch, self.queue = self.queue, []

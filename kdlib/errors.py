@@ -20,3 +20,14 @@ def check_keys(given, valid, kind: str, where: str = "", shown=None) -> None:
     if unknown:
         raise KDLibError(f"{where}unknown {kind} {', '.join(map(repr, unknown))}; valid {kind}s: "
                          f"{', '.join(shown or valid)}")
+
+
+def whole_number(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an integer >= ``minimum`` (``"3"`` too: flags and grid files), else a one-line error."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise KDLibError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number

@@ -208,13 +208,6 @@ def run(setting: Setting, method: str, seed: int, verbose: bool = False, **metho
 Spec = Union[str, Tuple[str, Mapping[str, Any]]]
 
 
-def _spec(value: Spec) -> Tuple[str, Dict[str, Any]]:
-    if isinstance(value, str):
-        return value, {}
-    method, params = value
-    return method, dict(params or {})
-
-
 def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterable[int]] = None,
             verbose: bool = False) -> RunTables:
     """Run (or reuse) every ``label: (method, params)`` for every seed; the records with a ``label`` column.
@@ -229,7 +222,7 @@ def run_all(setting: Setting, specs: Mapping[str, Spec], seeds: Optional[Iterabl
     dirs: Dict[str, list] = {}
     configs = []
     for name, value in specs.items():
-        method, params = _spec(value)
+        method, params = (value, {}) if isinstance(value, str) else (value[0], value[1] or {})
         dirs[name] = [setting.config(method, s, **params) for s in seeds]
         configs += dirs[name]
     runs.ensure(runs.plan(configs), verbose=verbose)

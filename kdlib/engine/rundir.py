@@ -54,12 +54,11 @@ class RunLock:
     """The one lock of a run: an exclusive ``flock`` on ``<run dir>/.lock``, held while the run trains.
 
     Every way of running (a chapter, a sweep's job, a Slurm task, a teacher trained for a student) takes
-    it, so two processes never train one run. Why flock and not a pid file: the kernel releases the lock
-    when the holder exits, crashes or is killed, so there is no stale lock; it works across hosts on NFS
-    (Linux emulates flock with POSIX locks there); two opens in one process conflict too. The file's
-    content (host, pid, start) only serves the messages. ``wait=True`` waits for the holder (a chapter
-    asking for a run another chapter is training), ``wait=False`` raises :class:`RunLocked` (a sweep
-    skips the run).
+    it, so two processes never train one run. flock, not a pid file: the kernel releases it when the
+    holder exits, crashes or is killed (no stale lock), it works across hosts on NFS (Linux emulates it
+    with POSIX locks there), and two opens in one process conflict too. The file's content (host, pid,
+    start) only serves the messages. ``wait=True`` waits for the holder (a chapter asking for a run another
+    chapter is training), ``wait=False`` raises :class:`RunLocked` (a sweep skips the run).
     """
 
     def __init__(self, run_dir: Union[str, os.PathLike], wait: bool = False):
@@ -70,12 +69,10 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if self.wait:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         deadline = time.monotonic() + retry_seconds  # rides out a probe by holder() at the same instant
-        while not self.wait:
+        while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:

@@ -3,9 +3,8 @@ jobs on this machine, or as Slurm arrays (:mod:`kdlib.runs.slurm`); and :func:`e
 
 Every executor trains a run with :func:`execute_run`: its lock, then :func:`kdlib.engine.train` (or
 :func:`kdlib.teachers.train_teacher`), which resumes an interrupted run from its last completed epoch; a
-failure goes to ``<run dir>/run_error.json``, so summaries rebuilt from the files know it. Teachers go
-first: the pool trains them here with every thread before its workers start, the local executor starts a
-run once the teacher it needs is done, Slurm runs the students' array after the teachers'.
+failure goes to ``<run dir>/run_error.json``, so summaries rebuilt from the files know it. Every
+executor trains the teachers before the runs that need them.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from kdlib import config as kconfig
 from kdlib.engine.rundir import RunLock, RunLocked
@@ -57,13 +56,12 @@ def cores() -> int:
 
 
 def run_threads(threads: Optional[int], cpus: int, workers: int) -> int:
-    """The torch thread count of every run of a sweep or a book build, the same under every executor.
+    """The torch thread count of every run of a sweep or a book build, the same under every executor:
+    ``threads``, else the CPUs of a Slurm task, at most this machine's cores shared by ``workers``.
 
-    On a CPU the thread count changes a run's numbers (reductions split across threads add in another
-    order), while the run keeps its identity. Were it left to each executor (local: cores / workers,
-    Slurm: the task's CPUs), one run would give one number locally and another on the cluster. So it is
-    one explicit value: ``threads``, else the CPUs of a Slurm task, at most this machine's cores shared by
-    ``workers``. The engine records it in each segment of ``metrics.json`` (``segments[].threads``).
+    One explicit value, because on a CPU the thread count changes a run's numbers (sums split across
+    threads add in another order) while the run keeps its identity: left to each executor, one run would
+    give one number locally and another on the cluster. The engine records it (``segments[].threads``).
     """
     return int(threads) if threads is not None else max(1, min(int(cpus), (os.cpu_count() or 1) // max(1, workers)))
 
@@ -136,48 +134,54 @@ class RunJob(_JobBase):  # type: ignore[misc,valid-type]
 
 
 class Progress:
-    """A tqdm bar over runs on stderr, drawn on a terminal only (logs and the book's pages get nothing),
-    counting the outcomes; a failed run gets a line."""
+    """The outcomes of the runs as they come, and a tqdm bar counting them on stderr, drawn on a terminal
+    only (logs and the book's pages get nothing); a failed run gets a line."""
 
     def __init__(self, total: int, desc: str = "runs", enabled: bool = True):
         from tqdm import tqdm
 
-        self.counts: collections.Counter = collections.Counter()
+        self.outcomes: List[Outcome] = []
         self.bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr,
                         disable=None if enabled else True)
 
     def done(self, outcome: Outcome) -> None:
-        self.counts[outcome.status] += 1
+        self.outcomes.append(outcome)
         self.bar.update(1)
-        self.bar.set_postfix(dict(sorted(self.counts.items())), refresh=True)
+        self.bar.set_postfix(sorted(collections.Counter(o.status for o in self.outcomes).items()), refresh=True)
         if outcome.status == "failed" and not self.bar.disable:
             self.bar.write(f"failed: {outcome.run.label}: {outcome.error}", file=sys.stderr)
+
+    def follow(self, jobs: Dict[Any, Tuple[Any, List[Run]]], outcome_of: Callable) -> None:
+        """Take the outcomes of the ``jobs`` (key: (job, its runs)) that are over, ``outcome_of(job, runs)``
+        being None while one is not, and drop those jobs: the local and the Slurm executors' polling."""
+        for key, (job, runs) in list(jobs.items()):
+            outcomes = outcome_of(job, runs)
+            if outcomes is not None:
+                del jobs[key]
+                for outcome in outcomes:
+                    self.done(outcome)
 
 
 # -- in this process, and a pool of worker processes ---------------------------------------------------
 def run_inline(runs: Sequence[Run], bar: Progress, threads: Optional[int] = None, verbose: bool = False,
-               wait: bool = False, raise_errors: bool = False) -> List[Outcome]:
+               wait: bool = False, raise_errors: bool = False) -> None:
     import torch
 
-    outcomes, before = [], torch.get_num_threads()  # the caller's setting comes back afterwards
+    before = torch.get_num_threads()  # the caller's setting comes back afterwards
     try:
         for run in runs:
-            result = execute_run(run, threads=threads, verbose=verbose, wait=wait, raise_errors=raise_errors)
-            outcomes.append(Outcome(run, result["status"], result["error"]))
-            bar.done(outcomes[-1])
+            bar.done(Outcome(run, **execute_run(run, threads=threads, verbose=verbose, wait=wait,
+                                                raise_errors=raise_errors)))
     finally:
         torch.set_num_threads(before)
-    return outcomes
 
 
 def run_workers(configs: Sequence[kconfig.RunConfig]) -> int:
     """How many runs the pool trains at once: one per CPU core on a CPU-only run, else 1.
 
-    Small CIFAR networks use two cores poorly (on the 2-core book machine, idle, two smoke runs took
-    58-63 s one after the other with 2 threads and 48.5 s side by side with 1 thread each: 1.25x), so
-    independent runs go to worker processes with one thread each. ``KDLIB_RUN_WORKERS=1`` trains them one
-    by one in this process. A run's numbers depend (in the last bits, like any float sum) on its thread
-    count, recorded in its ``metrics.json`` (``segments[].threads``).
+    Small CIFAR networks use two cores poorly, so independent runs train faster side by side in worker
+    processes of one thread each than one after the other with every thread. ``KDLIB_RUN_WORKERS=1``
+    trains them one by one in this process.
     """
     setting = os.environ.get("KDLIB_RUN_WORKERS", "").strip()
     if setting and (not setting.isdigit() or int(setting) < 1):
@@ -220,25 +224,23 @@ def worker_pool(workers: int):
     return _POOL[key]
 
 
-def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: bool = True) -> List[Outcome]:
+def run_pool(runs: Sequence[Run], bar: Progress, workers: int, raise_errors: bool = True) -> None:
     """Teachers here with every thread, then the other runs ``workers`` at a time with ``cores // workers``
     threads each. With ``raise_errors`` the first error is raised once the runs not started yet are dropped
     (a run already training finishes in its worker, its lock keeping others out, and is reused next time)."""
     from concurrent.futures import as_completed
 
-    outcomes = run_inline([r for r in runs if r.role == "teacher"], bar, wait=True, raise_errors=raise_errors)
+    run_inline([r for r in runs if r.role == "teacher"], bar, wait=True, raise_errors=raise_errors)
     threads, pool = max(1, cores() // workers), worker_pool(workers)
     futures = {pool.submit(execute_run, run, threads=threads, wait=True, raise_errors=raise_errors): run
                for run in runs if run.role != "teacher"}
     try:
         for future in as_completed(futures):
-            outcomes.append(Outcome(futures[future], future.result()["status"], future.result()["error"]))
-            bar.done(outcomes[-1])
+            bar.done(Outcome(futures[future], **future.result()))
     except BaseException:
         for future in futures:
             future.cancel()
         raise
-    return outcomes
 
 
 def ensure(runs: Sequence[Run], verbose: bool = False) -> None:
@@ -280,12 +282,12 @@ def _raise_recorded_failure(runs: Sequence[Run], since: float) -> None:
         if record.get("status") == "failed" and record.get("error"):
             raise KDLibError(record["error"])
         if since and error.is_file() and error.stat().st_mtime >= since - 1:
-            raise KDLibError(f"{run.label}: {json.loads(error.read_text()).get('error')} "
-                             f"(log: {json.loads(error.read_text()).get('log')})")
+            written = json.loads(error.read_text())
+            raise KDLibError(f"{run.label}: {written.get('error')} (log: {written.get('log')})")
 
 
 # -- submitit jobs on this machine --------------------------------------------------------------------
-def job_outcome(runs: List[Run], job: Any) -> Optional[List[Outcome]]:
+def job_outcome(job: Any, runs: List[Run]) -> Optional[List[Outcome]]:
     """What a submitit job says once it is over (one outcome per run), or None while it runs.
 
     The result file counts as the end: submitit writes it before the job's interpreter exits, and tearing
@@ -312,7 +314,7 @@ def job_outcome(runs: List[Run], job: Any) -> Optional[List[Outcome]]:
 
 
 def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, threads: int,
-              device: Optional[str] = None) -> List[Outcome]:
+              device: Optional[str] = None) -> None:
     """At most ``workers`` submitit local jobs at once (its LocalExecutor has no cap of its own), one GPU
     each round-robin (all of them when a ``cuda:N`` is named); a run starts once its teacher run is done."""
     import submitit
@@ -323,24 +325,19 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
     gpus = [] if device is not None and not str(device).startswith(("auto", "cuda")) else \
         [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else \
         [str(i) for i in range(__import__("torch").cuda.device_count())]
-    pending, running, outcomes = list(runs), {}, []
-    unfinished_teachers = {str(r.run_dir) for r in runs if r.role == "teacher"}
+    pending, running = list(runs), {}
     try:
         while pending or running:
+            teachers = {str(r.run_dir) for r in [*pending, *(rs[0] for _, rs in running.values())]
+                        if r.role == "teacher"}  # not done yet: the runs that need one wait
             for slot in [s for s in range(workers) if s not in running]:
-                ready = next((r for r in pending if r.needs not in unfinished_teachers), None)
+                ready = next((r for r in pending if r.needs not in teachers), None)
                 if ready is None:
                     break
                 pending.remove(ready)
                 gpu = ",".join(gpus) if re.fullmatch(r"cuda:\d+", str(device)) else gpus[slot % len(gpus)] if gpus else ""
-                running[slot] = (executor.submit(RunJob([ready], threads, gpu)), ready)
-            for slot, (job, run) in list(running.items()):
-                done = job_outcome([run], job)
-                if done is not None:
-                    del running[slot]
-                    unfinished_teachers.discard(str(run.run_dir))
-                    outcomes += done
-                    bar.done(done[0])
+                running[slot] = (executor.submit(RunJob([ready], threads, gpu)), [ready])
+            bar.follow(running, job_outcome)
             time.sleep(0.5)
     except KeyboardInterrupt:  # SIGINT to every running job; the engine keeps each run's last epoch
         jobs = [job for job, _ in running.values()]
@@ -350,4 +347,3 @@ def run_local(runs: Sequence[Run], bar: Progress, folder: Path, workers: int, th
         while time.monotonic() < deadline and not all(job.done() for job in jobs):
             time.sleep(0.5)
         raise
-    return outcomes

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from kdlib import config as kconfig
-from kdlib.engine.rundir import RunLock, read_metrics_file
+from kdlib.engine.rundir import RunLock, diff, identity_from_metrics, normalised, read_metrics_file
 from kdlib.errors import KDLibError
 from kdlib.io import atomic_write_json
 
@@ -43,20 +43,19 @@ def recipe_hash(cfg: kconfig.RunConfig) -> str:
 def overrides_text(cfg: kconfig.RunConfig) -> str:
     """What sets the run apart from its profile's recipe for its method and pair: ``"epochs=1 beta=2.0"``."""
     r = cfg.resolved()
-    preset = kconfig.PROFILES[r.profile]
     # the same length as the run, so that what the length scales (milestones, warm-up) is not a difference
     same = {k: getattr(r, k) for k in ("method", "teacher", "student", "seed", "epochs", "teacher_epochs",
                                        "teacher_checkpoint") if getattr(r, k) is not None}
-    base = kconfig.make_config(r.profile, **same)
-
-    def flat(c):
-        data = json.loads(json.dumps(c.identity(), sort_keys=True, default=str))
-        return {**{k: v for k, v in data.items() if k != "method_params"}, **(data.get("method_params") or {})}
-
-    old, new = flat(base), flat(cfg)
+    old, new = _flat(kconfig.make_config(r.profile, **same)), _flat(cfg)
     changed = {k: new.get(k) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    preset = kconfig.PROFILES[r.profile]
     changed.update({k: same[k] for k in ("epochs", "teacher_epochs") if k in same and same[k] != preset.get(k)})
     return " ".join(f"{k}={json.dumps(v, separators=(',', ':')).strip(chr(34))}" for k, v in sorted(changed.items()))
+
+
+def _flat(cfg: kconfig.RunConfig) -> Dict[str, Any]:
+    data = normalised(cfg.identity())
+    return {**{k: v for k, v in data.items() if k != "method_params"}, **(data.get("method_params") or {})}
 
 
 @dataclass(frozen=True)
@@ -116,12 +115,9 @@ class Run:
 
 
 def _relative(path: Optional[str], root: Path) -> Optional[str]:
-    if path is None:
-        return None
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    if path is None or not Path(path).is_relative_to(root):
+        return path and str(path)
+    return Path(path).relative_to(root).as_posix()
 
 
 def plan(configs: Iterable[kconfig.RunConfig], root: Optional[Path] = None, teachers_only: bool = False) -> List[Run]:
@@ -154,20 +150,9 @@ def plan(configs: Iterable[kconfig.RunConfig], root: Optional[Path] = None, teac
 
 
 def differences(record: Optional[Dict[str, Any]], cfg: kconfig.RunConfig) -> List[str]:
-    """How the run a ``metrics.json`` records differs from ``cfg`` by the engine's own definition of "the
-    same run" (:meth:`~kdlib.config.RunConfig.identity`), so that "finished, reuse it" and "another run,
-    refuse" never disagree with the engine's resume check. No record: no difference."""
-    if not record:
-        return []
-    try:
-        recorded = kconfig.RunConfig.from_dict(dict(record.get("config", {}).get("run", {})))
-        if recorded.identity_hash() == cfg.identity_hash():
-            return []
-        old = json.loads(json.dumps(recorded.identity(), sort_keys=True, default=str))
-    except (KDLibError, TypeError, ValueError) as exc:
-        return [f"unreadable recorded config ({exc})"]
-    new = json.loads(json.dumps(cfg.identity(), sort_keys=True, default=str))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    """How the run a ``metrics.json`` records differs from ``cfg``, by the engine's own resume check, so that
+    "finished, reuse it" and "another run, refuse" never disagree with it. No record: no difference."""
+    return diff(identity_from_metrics(record), normalised(cfg.identity())) if record else []
 
 
 def read_error(run_dir: Path) -> Optional[Dict[str, Any]]:

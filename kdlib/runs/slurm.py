@@ -1,15 +1,14 @@
 """The Slurm executor: submitit array jobs, the teachers' array first and the students' after it.
 
-Before anything is submitted the options are checked against the cluster itself (``sinfo``): an unknown
-partition, more CPUs than a node has, a time limit above the partition's, or GPUs asked of a partition
-without any are refused with one line saying what to change, instead of sbatch's raw error.
+Before anything is submitted the options are checked against the cluster itself (``sinfo``): what it
+cannot honour (an unknown partition, more CPUs or GPUs than a node has, a time limit above the
+partition's) is refused with one line saying what to change, instead of sbatch's raw error.
 
-While it waits, the executor asks ``squeue`` which of its tasks are still queued or running, not
-submitit's ``sacct`` watcher: clusters without accounting storage have no sacct, and a task that Slurm
-requeued (preemption, ``scontrol requeue``, submitit's requeue at the time limit) is still in the queue
-and not over, even when its previous attempt left a result file behind. A task that leaves the queue
-without a result (cancelled, killed, node failure) leaves its runs not finished, with the command that
-resumes them.
+While it waits, the executor asks ``squeue`` which tasks Slurm still holds, not submitit's ``sacct``
+watcher: clusters without accounting storage have no sacct, and a task that Slurm requeued (preemption,
+``scontrol requeue``, submitit's requeue at the time limit) is not over, even when its previous attempt
+left a result file behind. A task that leaves the queue without a result (cancelled, killed, node
+failure) leaves its runs unfinished, with the command that resumes them.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
-from kdlib.errors import KDLibError, check_keys
+from kdlib.errors import KDLibError, check_keys, whole_number
 from kdlib.runs.executors import Outcome, Progress, RunJob, job_outcome, last_line, write_error
 from kdlib.runs.plan import Run
 
@@ -49,20 +48,16 @@ class SlurmOptions:
 
     @classmethod
     def from_mapping(cls, value: Any, where: str = "") -> "SlurmOptions":
-        data = dict(dataclasses.asdict(value) if isinstance(value, SlurmOptions) else value or {})
         if not isinstance(value, (Mapping, SlurmOptions, type(None))):
             raise KDLibError(f"{where}slurm must be a mapping (partition, gpus, cpus, time, ...)")
+        data = dict(dataclasses.asdict(value) if isinstance(value, SlurmOptions) else value or {})
         if "time" in data:
             data["time_min"] = parse_time_minutes(data.pop("time"))
         names = [f.name for f in dataclasses.fields(cls)]
         check_keys(data, names, "slurm key", where, [n if n != "time_min" else "time" for n in names])
         opts = cls(**{k: v for k, v in data.items() if v is not None})
-        if isinstance(opts.gpus, bool) or not isinstance(opts.gpus, int) or opts.gpus < 0:
-            raise KDLibError(f"{where}slurm gpus must be an integer >= 0, got {opts.gpus!r}")
-        for name in ("cpus", "time_min", "array_parallelism", "runs_per_task"):
-            number = getattr(opts, name)
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise KDLibError(f"{where}slurm {name} must be an integer >= 1, got {number!r}")
+        for name in ("gpus", "cpus", "time_min", "array_parallelism", "runs_per_task"):
+            setattr(opts, name, whole_number(getattr(opts, name), f"{where}slurm {name}", 0 if name == "gpus" else 1))
         return opts
 
     def parameters(self) -> Dict[str, Any]:
@@ -80,64 +75,48 @@ class SlurmOptions:
 
 
 def parse_time_minutes(value: Any) -> int:
-    """Slurm-style time limits as whole minutes: ``90``, ``"90"``, ``"HH:MM:SS"``, ``"D-HH:MM"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    """Slurm-style time limits as whole minutes: ``90``, ``"90"``, ``"HH:MM[:SS]"``, ``"D-HH[:MM[:SS]]"``
+    (``"02:30"`` is two and a half hours, as people mean it; Slurm itself would read MM:SS)."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value).strip())
-    if not match:
+    if isinstance(value, bool) or not match:
         raise KDLibError(f"slurm time must be minutes or [D-]HH:MM[:SS], got {value!r}")
-    days, first, second, third = match.groups()
-    if second is None and days is None:
-        minutes = int(first)
-    elif third is None and days is None:  # HH:MM... slurm reads "MM:SS" here; people mean HH:MM
-        minutes = int(first) * 60 + int(second)
-    else:
-        minutes = int(days or 0) * 1440 + int(first) * 60 + int(second or 0) + math.ceil(int(third or 0) / 60)
+    days, first, second, seconds = (int(x) if x else None for x in match.groups())
+    hours = days is not None or second is not None  # the first number counts hours
+    minutes = (days or 0) * 1440 + (first * 60 + (second or 0) if hours else first) + math.ceil((seconds or 0) / 60)
     if minutes < 1:
         raise KDLibError(f"slurm time {value!r}: a time limit must be at least one minute; use e.g. --slurm-time 90 "
                          f"(minutes) or 24:00:00")
     return minutes
 
 
-def _tool(name: str) -> Optional[str]:
-    """``name`` from the same Slurm installation as ``sbatch`` (the directory sbatch is in), or None.
-
-    The cluster that is queried must be the one that receives the jobs; a lone sbatch (a wrapper, or a
-    test's fake) without its siblings means there is no cluster to ask, and the checks are skipped.
-    """
+def _ask(name: str, *args: str, beside_sbatch: bool = False) -> Optional[subprocess.CompletedProcess]:
+    """Run a Slurm tool, preferably the one beside ``sbatch`` (the cluster that receives the jobs); None
+    when there is none (``beside_sbatch``: a lone sbatch, a wrapper or a test's fake, means no cluster to
+    ask) or it does not answer."""
     sbatch = shutil.which("sbatch")
-    path = Path(sbatch).parent / name if sbatch else None
-    return str(path) if path is not None and path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _ask(tool: Optional[str], *args: str) -> Optional[subprocess.CompletedProcess]:
-    if tool is None:
-        return None
+    beside = Path(sbatch).parent / name if sbatch else None
+    tool = str(beside) if beside is not None and os.access(beside, os.X_OK) else None
+    tool = tool or (None if beside_sbatch else shutil.which(name))
     try:
-        return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60) if tool else None
     except (OSError, subprocess.TimeoutExpired):
         return None
 
 
-def _minutes(limit: str) -> Optional[int]:
-    """sinfo's time limits (``infinite``, ``1-00:00:00``, ``30:00``) in minutes; None for no limit."""
-    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", limit.strip())
-    if not match:
-        return None
-    days, hours, mins, secs = (int(x or 0) for x in match.groups())
-    return days * 1440 + hours * 60 + mins + (1 if secs else 0)
-
-
 def _partitions() -> Tuple[Dict[str, Dict[str, Any]], Optional[str]]:
-    """Per partition: the most CPUs and GPUs of a node and the time limit; and the default partition."""
-    done = _ask(_tool("sinfo"), "-h", "-o", "%P|%c|%G|%l")
+    """Per partition: the most CPUs and GPUs of a node and the time limit in minutes (None: no limit);
+    and the default partition. Nothing when ``sinfo`` does not answer."""
+    done = _ask("sinfo", "-h", "-o", "%P|%c|%G|%l", beside_sbatch=True)
     partitions: Dict[str, Dict[str, Any]] = {}
     default = None
     for line in done.stdout.splitlines() if done is not None and done.returncode == 0 else []:
         name, cpus, gres, limit = (line.split("|") + ["", "", "", ""])[:4]
         if name.endswith("*"):
             name = default = name[:-1]
-        info = partitions.setdefault(name, {"cpus": 0, "gpus": 0, "limit": _minutes(limit)})
+        span = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", limit.strip())  # sinfo's D-HH:MM:SS, infinite
+        days, hours, mins, secs = (int(x or 0) for x in span.groups()) if span else (0, 0, 0, 0)
+        info = partitions.setdefault(name, {"cpus": 0, "gpus": 0, "limit": None if not span else
+                                            days * 1440 + hours * 60 + mins + (1 if secs else 0)})
         info["cpus"] = max(info["cpus"], int(re.sub(r"\D.*", "", cpus) or 0))
         info["gpus"] = max(info["gpus"], max((int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres)), default=0))
     return partitions, default
@@ -149,10 +128,9 @@ def check_options(s: SlurmOptions) -> None:
     partitions, default = _partitions()
     if not partitions:
         return
-    names = sorted(partitions)
-    if s.partition is None and default is None:
+    names, part = sorted(partitions), s.partition or default
+    if part is None:
         raise KDLibError(f"this cluster has no default partition: choose one with --slurm-partition ({', '.join(names)})")
-    part = s.partition or default
     if part not in partitions:
         raise KDLibError(f"--slurm-partition {part}: no such partition on this cluster; choose one of {', '.join(names)}")
     info = partitions[part]
@@ -195,80 +173,51 @@ def submit(runs: List[Run], options: Any, folder: Path,
     task runs ``runs_per_task`` runs. Returns the (job, its runs) pairs and the job ids."""
     options = options if isinstance(options, SlurmOptions) else SlurmOptions.from_mapping(options)
     ex = executor(options, folder)  # a fresh one: a dependency set for one call must not reach the next
-    submitted, job_ids, dependency = [], [], None
+    submitted, job_ids = [], []
     for group in ([r for r in runs if r.role == "teacher"], [r for r in runs if r.role != "teacher"]):
-        if not group:
-            continue
-        if dependency:
-            ex.update_parameters(slurm_dependency=dependency)
-        tasks = [group[i:i + options.runs_per_task] for i in range(0, len(group), options.runs_per_task)]
-        jobs = ex.submit_array([RunJob(task, threads) for task in tasks])
-        submitted += list(zip(jobs, tasks))
-        job_ids.append(str(jobs[0].job_id).split("_")[0])
-        dependency = f"afterany:{job_ids[-1]}"
+        if group:
+            ex.update_parameters(**({"slurm_dependency": f"afterany:{job_ids[-1]}"} if job_ids else {}))
+            tasks = [group[i:i + options.runs_per_task] for i in range(0, len(group), options.runs_per_task)]
+            jobs = ex.submit_array([RunJob(task, threads) for task in tasks])
+            submitted += list(zip(jobs, tasks))
+            job_ids.append(str(jobs[0].job_id).split("_")[0])
     return submitted, job_ids
 
 
-def _queued(job_ids: List[str]) -> Optional[Set[str]]:
-    """Ids (``123`` or ``123_4``) of the given jobs' tasks Slurm still holds (pending, running, requeued,
-    completing); None when ``squeue`` does not answer this time."""
-    tool = _tool("squeue") or shutil.which("squeue")
-    done = _ask(tool, "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)) if job_ids else None
+def _queued() -> Optional[Set[str]]:
+    """Ids (``123``, ``123_4``) of this user's tasks Slurm still holds (pending, running, requeued,
+    completing); None when ``squeue`` does not answer this time. All of them, not ``-j`` ids: squeue
+    refuses a list holding an id Slurm has forgotten already."""
+    done = _ask("squeue", "-h", "-r", "-o", "%i", "-u", str(os.getuid()))
+    return set(done.stdout.split()) if done is not None and done.returncode == 0 else None
+
+
+def _ended(job: Any, runs: List[Run], resume: str) -> List[Outcome]:
+    """What a task Slurm no longer holds says. A run it did not finish (the engine stopped at a signal, the
+    task ended without a result) gets ``run_error.json`` with the command that resumes it, so the summary
+    says how to go on; a failed run keeps its own error (retrying needs a fix first)."""
+    done = job_outcome(job, runs) if job.paths.result_pickle.exists() else None
     if done is None:
-        return None
-    if done.returncode == 0:
-        return set(done.stdout.split())
-    found: Set[str] = set()  # an id Slurm has forgotten already makes squeue fail: ask one by one
-    for job_id in job_ids:
-        one = _ask(tool, "-h", "-r", "-o", "%i", "-j", job_id)
-        if one is None or (one.returncode != 0 and "invalid job id" not in one.stderr.lower()):
-            return None  # the controller did not answer: ask again later
-        found.update(one.stdout.split() if one.returncode == 0 else [])
-    return found
-
-
-def _task_outcome(job: Any, runs: List[Run], queued: Set[str], resume: str) -> Optional[List[Outcome]]:
-    """What one task says once Slurm no longer holds it, or None while it is queued or running.
-
-    A run the task did not finish (the engine stopped at a signal; the task ended without a result) gets
-    ``run_error.json`` with the command that resumes it, so the summary says how to go on; a failed run
-    keeps its own error (retrying needs a fix first).
-    """
-    if str(job.job_id) in queued:
-        return None
-    done = job_outcome(runs, job) if job.paths.result_pickle.exists() else None
-    if done is None:
-        done = _ask(_tool("scontrol") or shutil.which("scontrol"), "show", "job", "-o", str(job.job_id))
-        state = re.search(r"JobState=(\S+)", done.stdout if done is not None else "")
+        state = _ask("scontrol", "show", "job", "-o", str(job.job_id))
+        state = re.search(r"JobState=(\S+)", state.stdout if state is not None else "")
         message = f"Slurm job {job.job_id} ended without a result ({state.group(1) if state else 'unknown'})"
         done = [Outcome(run, "finished" if run.finished() else "incomplete", message, str(job.paths.stderr))
                 for run in runs]
-    out = []
     for o in done:
         if o.status == "incomplete":
-            o = Outcome(o.run, o.status, f"{o.error}; resume with: {resume}", o.log)
+            o.error = f"{o.error}; resume with: {resume}"
             write_error(o.run.run_dir, o.error, log=o.log, status="incomplete")
-        out.append(o)
-    return out
+    return done
 
 
 def wait(submitted: List[Tuple[Any, List[Run]]], bar: Progress, resume: str = "the same command",
-         poll: Optional[float] = None) -> List[Outcome]:
-    """Follow the tasks until Slurm holds none of them; one outcome per run."""
-    outcomes: List[Outcome] = []
-    waiting = list(submitted)
+         poll: Optional[float] = None) -> None:
+    """Follow the tasks until Slurm holds none of them; one outcome per run (no squeue answer, no squeue
+    at all: submitit's own watcher decides)."""
+    waiting = dict(enumerate(submitted))
     while waiting:
-        queued = _queued(sorted({str(job.job_id).split("_")[0] for job, _ in waiting}))
-        still = []
-        for job, runs in waiting:
-            # no squeue answer (no squeue at all): submitit's own watcher decides
-            done = _task_outcome(job, runs, queued, resume) if queued is not None else job_outcome(runs, job)
-            if done is None:
-                still.append((job, runs))
-            for outcome in done or []:
-                outcomes.append(outcome)
-                bar.done(outcome)
-        waiting = still
+        queued = _queued()
+        bar.follow(waiting, job_outcome if queued is None else
+                   lambda job, runs: None if str(job.job_id) in queued else _ended(job, runs, resume))
         if waiting:
             time.sleep(POLL_SECONDS if poll is None else poll)
-    return outcomes

@@ -20,8 +20,8 @@ STATUSES = ("finished", "running", "failed", "incomplete", "missing")
 SUMMARY_COLUMNS = ["method", "teacher", "student", "seed", "profile", "dataset", "best_test_acc",
                    "last_test_acc", "best_epoch", "epochs", "epochs_done", "wall_seconds", "status", "error",
                    "run_dir", "recipe", "overrides", "running_on"]
-_TEXT = ["method", "teacher", "student", "profile", "dataset", "status", "error", "run_dir", "recipe", "overrides",
-         "running_on"]
+_INTEGERS = ["seed", "best_epoch", "epochs", "epochs_done"]
+_TEXT = [c for c in SUMMARY_COLUMNS if c not in ("best_test_acc", "last_test_acc", "wall_seconds", *_INTEGERS)]
 
 
 def summarize(out_dir: os.PathLike | str, plan_file: str = "sweep.json") -> pd.DataFrame:
@@ -36,9 +36,9 @@ def summarize(out_dir: os.PathLike | str, plan_file: str = "sweep.json") -> pd.D
         for found in sorted([*(out / RUNS_DIR).rglob("metrics.json"), *(out / RUNS_DIR).rglob(ERROR)]):
             runs.setdefault(found.parent, None)
     frame = pd.DataFrame([_row(out, path, run) for path, run in runs.items()], columns=SUMMARY_COLUMNS)
-    numbers = ["best_test_acc", "last_test_acc", "wall_seconds", "seed", "best_epoch", "epochs", "epochs_done"]
+    numbers = [c for c in SUMMARY_COLUMNS if c not in _TEXT]
     frame[numbers] = frame[numbers].apply(pd.to_numeric, errors="coerce")  # an unreadable value is no number
-    return frame.astype({"seed": "Int64", "best_epoch": "Int64", "epochs": "Int64", "epochs_done": "Int64"})
+    return frame.astype({c: "Int64" for c in _INTEGERS})
 
 
 def _row(out: Path, path: Path, run: Optional[Run]) -> Dict[str, Any]:
@@ -97,7 +97,7 @@ def read_summary(out_dir_or_csv: os.PathLike | str) -> pd.DataFrame:
     path = path / SUMMARY if path.is_dir() else path
     frame = pd.read_csv(path, dtype={c: str for c in _TEXT}, keep_default_na=False,
                         na_values={c: [""] for c in SUMMARY_COLUMNS if c not in _TEXT})
-    return frame.astype({c: "Int64" for c in ("seed", "best_epoch", "epochs", "epochs_done") if c in frame})
+    return frame.astype({c: "Int64" for c in _INTEGERS if c in frame})
 
 
 def aggregate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -158,11 +158,11 @@ def per_class_table(out_dir: os.PathLike | str) -> pd.DataFrame:
     return classes[columns].reset_index(drop=True)
 
 
-def print_tables(summary: pd.DataFrame, planned: Optional[set] = None) -> None:
-    """The final table (one line per run of ``planned`` run directories, or all) and the mean over seeds."""
+def print_tables(summary: pd.DataFrame) -> None:
+    """The final table, one line per run, and the mean over seeds."""
     import pandas as pd
 
-    table = (summary if planned is None else summary[summary["run_dir"].isin(planned)]).copy()
+    table = summary.copy()
     table["pair"] = [f"{t}->{s}" if isinstance(t, str) and t else s for t, s in zip(table["teacher"], table["student"])]
     table["error"] = table["error"].map(lambda e: e if len(e) <= 80 else e[:77] + "...")
     shown = ["method", "pair", "seed", "overrides", "status", "best_test_acc", "last_test_acc", "wall_seconds", "error"]
