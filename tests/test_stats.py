@@ -364,3 +364,14 @@ def test_collapsed_runs_are_flagged_and_left_out():
     tables = RunTables(runs, runs.copy(), runs.copy(), empty)
     kept = stats.drop_runs(tables, flagged)
     assert "/runs/clkd-s0" not in set(kept.runs["run"]) and len(kept.runs) == 3 and len(kept.epochs) == 3
+
+
+def test_importing_stats_leaves_pandas_unimported():
+    """A grading kernel imports kdlib.stats for a t quantile only: pandas (a second to import) waits for a
+    function that makes a table."""
+    import subprocess
+    import sys
+
+    code = "import sys; from kdlib import stats, exercises; stats.t_critical(3); print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
